@@ -74,8 +74,8 @@ class ParticipatoryScorer(nn.Module):
         super().__init__()
         self.cells = nn.Sequential(nn.Conv2d(len(CHANNELS), hidden, 1), nn.GELU(), nn.Conv2d(hidden, hidden, 1))
         self.query = nn.Linear(lm_width, hidden)
-        self.scale = nn.Parameter(torch.tensor(5.0))
-        self.bias = nn.Parameter(torch.tensor(0.0))
+        self.scale = nn.Parameter(torch.tensor([5.0]))  # 1-d: DeepSpeed broadcasts parameters as bytes
+        self.bias = nn.Parameter(torch.tensor([0.0]))
 
     def forward(self, texture: torch.Tensor, query_embedding: torch.Tensor) -> torch.Tensor:
         cells = F.normalize(self.cells(texture), dim=1)  # [B,H,G,G]

@@ -1,0 +1,58 @@
+"""Bad input: one line naming the field and the allowed values, exit code 2, nothing written to OUT."""
+from __future__ import annotations
+
+import pytest
+
+from tests.trainer_helpers import run_trainer
+from trainer.config import ConfigError, TrainConfig, load_yaml, parse_config
+
+BAD = [
+    (["--compress-vs-particularize", "1.2"], "compress_vs_particularize=1.2 is outside the allowed range [0, 1]"),
+    (["--exploit-vs-explore", "-0.1"], "exploit_vs_explore=-0.1 is outside the allowed range [0, 1]"),
+    (["--steps", "0"], "steps=0 must be a positive integer"),
+    (["--steps", "-5"], "steps=-5 must be a positive integer"),
+    (["--strategy", "fsdp"], "strategy='fsdp' is not one of ddp, deepspeed"),
+    (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
+    (["--resume", "/no/such/checkpoint"], "resume='/no/such/checkpoint' must be auto, never or an existing"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD)
+def test_bad_flags_exit_2_with_one_line(tmp_path, args, message):
+    out = tmp_path / "out"
+    result = run_trainer(*args, "--out", str(out), timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("steps: [1\n", "is not valid YAML"),
+    ("- a\n- b\n", "top level must be a mapping"),
+    ("stepz: 3\n", "unknown key 'stepz'; allowed keys: steps,"),
+    ("focus_vs_diversify: high\n", "focus_vs_diversify='high' is not a valid float"),
+    ("steps: 2.5\n", "steps=2.5 is not a valid int"),
+])
+def test_malformed_config_file(tmp_path, text, message):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    out = tmp_path / "out"
+    result = run_trainer("--config", str(path), "--out", str(out), timeout=60)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert str(path) in result.stderr
+    assert not out.exists()
+
+
+def test_unreadable_config_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .*missing.yaml: cannot read"):
+        load_yaml(str(tmp_path / "missing.yaml"))
+
+
+def test_yaml_keys_apply_and_flags_win(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("steps: 7\nfocus-vs-diversify: 0.25\nlr: 0.01\n")
+    cfg = parse_config(["--config", str(path), "--lr", "0.5"])
+    assert (cfg.steps, cfg.focus_vs_diversify, cfg.lr) == (7, 0.25, 0.5)
+    assert cfg.batch_size == TrainConfig().batch_size
