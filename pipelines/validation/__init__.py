@@ -1,0 +1,1 @@
+"""Offline validation of everything arrcoc applies to a cluster (`arrcoc validate`)."""

@@ -1,0 +1,192 @@
+"""Project rules across objects: team namespaces are fenced, pods are sized and pinned to a
+version, and every PyTorchJob tolerates the nodes its team's team-config sends it to."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import yaml
+from typing import Iterator
+
+from pipelines.validation.findings import Doc, Finding
+from pipelines.validation.podsecurity import containers
+
+TEAM_CONFIG = "team-config"
+TEAM_CONFIG_KEYS = (
+    "team", "capacity", "gpuType", "gpusPerReplica", "cpuPerReplica", "memoryPerReplica",
+    "nodeSelector", "tolerations", "kueueQueue", "checkpointBucket", "checkpointPVC",
+    "backoffLimit", "priorityClassName",
+)
+CAPACITIES = ("spot", "on-demand")
+QUOTA_KEYS = (
+    ("requests.cpu", "cpu"), ("requests.memory", "memory"), ("requests.nvidia.com/gpu",),
+    ("pods",), ("persistentvolumeclaims",),
+)
+TEAM_LABEL = "arrcoc.io/team"
+ACCELERATOR = "cloud.google.com/gke-accelerator"
+SPOT_LABEL = "cloud.google.com/gke-spot"
+_TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+
+
+def image_problem(image: str) -> str | None:
+    if "@sha256:" in image:
+        return None
+    last = image.rsplit("/", 1)[-1]
+    if ":" not in last:
+        return f"image {image!r} has no tag: pin a version or a digest"
+    if last.rsplit(":", 1)[1] == "latest":
+        return f"image {image!r} uses :latest: pin a version or a digest"
+    return None
+
+
+def check_pod_spec(doc: Doc, path: list, spec: dict) -> Iterator[Finding]:
+    for cpath, container in containers(spec):
+        here = path + cpath
+        image = container.get("image")
+        if isinstance(image, str) and (problem := image_problem(image)):
+            yield doc.finding(here + ["image"], problem)
+        if cpath[0] == "ephemeralContainers":
+            continue
+        resources = container.get("resources") or {}
+        for section in ("requests", "limits"):
+            have = resources.get(section) or {}
+            missing = [r for r in ("cpu", "memory") if r not in have]
+            if missing:
+                yield doc.finding(here + ["resources", section], f"must declare {' and '.join(missing)}")
+
+
+def _parse_team_config(doc: Doc) -> tuple[dict, list[Finding]]:
+    """The parsed team-config (nodeSelector and tolerations decoded) and what is wrong with it."""
+    data = doc.obj.get("data") or {}
+    problems: list[Finding] = []
+    for key in TEAM_CONFIG_KEYS:
+        if key not in data:
+            problems.append(doc.finding(["data", key], "missing (team-config keys: " + ", ".join(TEAM_CONFIG_KEYS) + ")"))
+    for key in sorted(set(data) - set(TEAM_CONFIG_KEYS)):
+        problems.append(doc.finding(["data", key], "unknown key (team-config keys: " + ", ".join(TEAM_CONFIG_KEYS) + ")"))
+    parsed = dict(data)
+    if data.get("capacity") not in CAPACITIES and "capacity" in data:
+        problems.append(doc.finding(["data", "capacity"], f"{data['capacity']!r} is not allowed; allowed: {', '.join(CAPACITIES)}"))
+    for key in ("gpusPerReplica", "backoffLimit"):
+        if key in data and not str(data[key]).isdigit():
+            problems.append(doc.finding(["data", key], f"must be a non-negative integer string, got {data[key]!r}"))
+    try:
+        selector = json.loads(data.get("nodeSelector", "{}"))
+        if not isinstance(selector, dict) or not all(isinstance(v, str) for v in selector.values()):
+            raise ValueError
+    except ValueError:
+        problems.append(doc.finding(["data", "nodeSelector"], "must be a JSON object of string values"))
+        selector = {}
+    try:
+        tolerations = json.loads(data.get("tolerations", "[]"))
+        if not isinstance(tolerations, list) or not all(isinstance(t, dict) and set(t) <= _TOLERATION_KEYS for t in tolerations):
+            raise ValueError
+    except ValueError:
+        problems.append(doc.finding(["data", "tolerations"], "must be a JSON list of Kubernetes tolerations (keys: " + ", ".join(sorted(_TOLERATION_KEYS)) + ")"))
+        tolerations = []
+    parsed["nodeSelector"], parsed["tolerations"] = selector, tolerations
+    if selector.get(ACCELERATOR) != data.get("gpuType"):
+        problems.append(doc.finding(["data", "nodeSelector"], f"{ACCELERATOR} must equal gpuType {data.get('gpuType')!r}, got {selector.get(ACCELERATOR)!r}"))
+    spot = data.get("capacity") == "spot"
+    if (selector.get(SPOT_LABEL) == "true") != spot:
+        problems.append(doc.finding(["data", "nodeSelector"], f"{SPOT_LABEL}: \"true\" must be present exactly when capacity is spot"))
+    if any(t.get("key") == SPOT_LABEL for t in tolerations) != spot:
+        problems.append(doc.finding(["data", "tolerations"], f"the {SPOT_LABEL} toleration must be present exactly when capacity is spot"))
+    return parsed, problems
+
+
+def _tolerates(tolerations: list, taint: dict) -> bool:
+    for t in tolerations or []:
+        if t.get("effect") not in (None, "", taint.get("effect")):
+            continue
+        if t.get("operator") == "Exists" and t.get("key") in (None, "", taint.get("key")):
+            return True
+        if t.get("key") == taint.get("key") and t.get("operator", "Equal") == "Equal" and str(t.get("value", "")) == str(taint.get("value", "")):
+            return True
+    return False
+
+
+def team_configs(docs: list[Doc]) -> dict[str, dict]:
+    return {
+        d.namespace: _parse_team_config(d)[0]
+        for d in docs
+        if d.kind == "ConfigMap" and d.name == TEAM_CONFIG and d.namespace
+    }
+
+
+def check_job_scheduling(doc: Doc, job: dict, prefix: list, configs: dict[str, dict]) -> Iterator[Finding]:
+    """Every replica of a PyTorchJob tolerates each toleration of its namespace's team-config and
+    selects the same nodes; namespaces without a known team-config are not team namespaces."""
+    namespace = (job.get("metadata") or {}).get("namespace") or doc.namespace
+    config = configs.get(namespace)
+    if config is None:
+        return
+    for rtype, replica in ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).items():
+        pod = ((replica or {}).get("template") or {}).get("spec") or {}
+        here = prefix + ["spec", "pytorchReplicaSpecs", rtype, "template", "spec"]
+        for taint in config["tolerations"]:
+            if not _tolerates(pod.get("tolerations") or [], taint):
+                yield doc.finding(
+                    here + ["tolerations"],
+                    f"does not tolerate {taint.get('key')}={taint.get('value', '')}:{taint.get('effect')} "
+                    f"from team-config of {namespace} (capacity {config.get('capacity')})",
+                )
+        selector = pod.get("nodeSelector") or {}
+        for key, value in config["nodeSelector"].items():
+            if key in selector and selector[key] != value:
+                yield doc.finding(here + ["nodeSelector", key], f"{selector[key]!r} differs from team-config of {namespace}: {value!r}")
+
+
+def check_namespaces(docs: list[Doc]) -> Iterator[Finding]:
+    by_namespace: dict[str, set[str]] = defaultdict(set)
+    for d in docs:
+        if d.namespace:
+            by_namespace[d.namespace].add(d.kind)
+    owners = {d.name: ((d.obj.get("spec") or {}).get("owner") or {}).get("name") for d in docs if d.kind == "Profile"}
+    pvcs = {(d.namespace, d.name) for d in docs if d.kind == "PersistentVolumeClaim"}
+    seen: set[str] = set()
+    for d in docs:
+        labels = (d.obj.get("metadata") or {}).get("labels") or {}
+        if d.kind == "Namespace" and labels.get(TEAM_LABEL) == "true":
+            team = d.name
+            annotation = ((d.obj.get("metadata") or {}).get("annotations") or {}).get("owner")
+            if team in owners and annotation != owners[team]:
+                yield d.finding(["metadata", "annotations", "owner"], f"must equal the Profile owner {owners[team]!r} or the profile controller will not adopt the namespace")
+            if TEAM_CONFIG not in {x.name for x in docs if x.kind == "ConfigMap" and x.namespace == team}:
+                yield d.finding("(namespace)", f"no ConfigMap {TEAM_CONFIG} in this team namespace")
+        elif d.kind == "ConfigMap" and d.name == TEAM_CONFIG and d.namespace:
+            team = d.namespace
+            parsed, problems = _parse_team_config(d)
+            yield from problems
+            if parsed.get("checkpointBucket") == "" and (team, parsed.get("checkpointPVC")) not in pvcs:
+                yield d.finding(["data", "checkpointPVC"], f"no PersistentVolumeClaim {parsed.get('checkpointPVC')!r} in {team} and checkpointBucket is empty")
+        else:
+            continue
+        if team in seen:
+            continue
+        seen.add(team)
+        for kind in ("ResourceQuota", "LimitRange", "NetworkPolicy"):
+            if kind not in by_namespace[team]:
+                yield d.finding("(namespace)", f"team namespace {team} has no {kind} (every team namespace needs a ResourceQuota, a LimitRange and a NetworkPolicy)")
+    for d in docs:
+        if d.kind == "ResourceQuota" and d.namespace in seen:
+            hard = (d.obj.get("spec") or {}).get("hard") or {}
+            for names in QUOTA_KEYS:
+                if not any(n in hard for n in names):
+                    yield d.finding(["spec", "hard"], f"must limit {' or '.join(names)}")
+        if d.kind == "ConfigMap" and d.name == "kueue-manager-config":
+            yield from _check_kueue_config(d)
+
+
+def _check_kueue_config(doc: Doc) -> Iterator[Finding]:
+    text = (doc.obj.get("data") or {}).get("controller_manager_config.yaml", "")
+    try:
+        config = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        yield doc.finding(["data", "controller_manager_config.yaml"], f"not YAML: {error}")
+        return
+    frameworks = ((config.get("integrations") or {}).get("frameworks")) or []
+    if "kubeflow.org/pytorchjob" not in frameworks:
+        yield doc.finding(["data", "controller_manager_config.yaml"], "integrations.frameworks must include kubeflow.org/pytorchjob (Kueue v0.19 leaves it out by default)")
+
+

@@ -1,0 +1,246 @@
+"""`arrcoc validate`: the real overlays pass, and broken copies are each caught with the right field path.
+
+No cluster exists here: objects are rendered with `kubectl kustomize` and checked offline against
+the upstream schemas in ../shared/crds (or $ARRCOC_CRD_DIR).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+from pipelines import cli
+from pipelines.validate import REPO, check, crd_dir, validate
+from pipelines.validation.findings import Doc
+from pipelines.validation.loading import Loaded, pin_problem, render
+from pipelines.validation.schemas import SchemaSet, strict
+
+FIXTURES = Path(__file__).parent / "fixtures" / "validate"
+
+
+@pytest.fixture(scope="session")
+def schemas() -> SchemaSet:
+    return SchemaSet(crd_dir())
+
+
+@pytest.fixture(scope="session")
+def default_run(schemas: SchemaSet) -> tuple[Loaded, list]:
+    return validate([], schemas)
+
+
+@pytest.fixture(scope="session")
+def team_vision() -> list[Doc]:
+    loaded = Loaded()
+    render(REPO / "kustomize" / "overlays" / "team-vision", "team-vision", loaded)
+    assert not loaded.findings
+    return loaded.docs
+
+
+def _fixture_docs() -> list[Doc]:
+    return [Doc(name, yaml.safe_load((FIXTURES / name).read_text())) for name in ("pytorchjob.yaml", "experiment.yaml")]
+
+
+def test_everything_we_apply_passes(default_run: tuple[Loaded, list]) -> None:
+    loaded, findings = default_run
+    assert [str(f) for f in findings] == []
+    kinds = {d.kind for d in loaded.docs}
+    assert {"Namespace", "Profile", "ResourceQuota", "ClusterQueue", "PriorityClass", "ClusterRole"} <= kinds
+
+
+def test_fixtures_pass_next_to_their_team(schemas: SchemaSet, team_vision: list[Doc]) -> None:
+    assert [str(f) for f in check(team_vision + _fixture_docs(), schemas)] == []
+
+
+def _obj(docs: list[Doc], kind: str, name: str | None = None) -> dict:
+    return next(d.obj for d in docs if d.kind == kind and (name is None or d.name == name))
+
+
+def _trial_pod(docs: list[Doc]) -> dict:
+    return _obj(docs, "Experiment")["spec"]["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+
+
+def _job_pod(docs: list[Doc], rtype: str = "Master") -> dict:
+    return _obj(docs, "PyTorchJob")["spec"]["pytorchReplicaSpecs"][rtype]["template"]["spec"]
+
+
+def _drop(kind: str) -> Callable[[list[Doc]], list[Doc]]:
+    return lambda docs: [d for d in docs if d.kind != kind]
+
+
+def _edit(fn: Callable[[list[Doc]], None]) -> Callable[[list[Doc]], list[Doc]]:
+    def apply(docs: list[Doc]) -> list[Doc]:
+        fn(docs)
+        return docs
+
+    return apply
+
+
+def _team_config(docs: list[Doc]) -> dict:
+    return _obj(docs, "ConfigMap", "team-config")["data"]
+
+
+def _unalias_worker(docs: list[Doc]) -> None:
+    # the fixture shares one pod template between Master and Worker through a YAML anchor
+    spec = _obj(docs, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]
+    spec["Worker"]["template"] = copy.deepcopy(spec["Worker"]["template"])
+
+
+def _drop_worker_spot_toleration(docs: list[Doc]) -> None:
+    _unalias_worker(docs)
+    pod = _job_pod(docs, "Worker")
+    pod["tolerations"] = [t for t in pod["tolerations"] if t["key"] != "cloud.google.com/gke-spot"]
+
+
+# (case, breakage, expected object, expected field path, words of the message)
+CASES = [
+    ("typo'd core field", _edit(lambda d: _obj(d, "ResourceQuota")["spec"].update(hardd={})),
+     "ResourceQuota/team-vision/team-quota", "spec", "hardd"),
+    ("typo'd CR field", _edit(lambda d: _obj(d, "Experiment")["spec"].update(paralelTrialCount=3)),
+     "Experiment/team-vision/sweep", "spec", "paralelTrialCount"),
+    ("typo'd trial template field", _edit(lambda d: _trial_pod(d).update(tolerationz=[])),
+     "Experiment/team-vision/sweep", "spec.trialTemplate.trialSpec.spec.pytorchReplicaSpecs.Master.template.spec", "tolerationz"),
+    ("wrong Katib enum", _edit(lambda d: _obj(d, "Experiment")["spec"]["objective"].update(type="maximise")),
+     "Experiment/team-vision/sweep", "spec.objective.type", "maximise"),
+    ("wrong restartPolicy", _edit(lambda d: _obj(d, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"].update(restartPolicy="Sometimes")),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.restartPolicy", "Sometimes"),
+    ("wrong cleanPodPolicy", _edit(lambda d: _obj(d, "PyTorchJob")["spec"]["runPolicy"].update(cleanPodPolicy="Some")),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.runPolicy.cleanPodPolicy", "All, Running, None"),
+    ("Master with 2 replicas", _edit(lambda d: _obj(d, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"].update(replicas=2)),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.replicas", "must be 1"),
+    ("Master with 2 replicas in a trial", _edit(lambda d: _obj(d, "Experiment")["spec"]["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"]["Master"].update(replicas=2)),
+     "Experiment/team-vision/sweep", "spec.trialTemplate.trialSpec.spec.pytorchReplicaSpecs.Master.replicas", "must be 1"),
+    ("unknown replica type", _edit(lambda d: _obj(d, "PyTorchJob")["spec"]["pytorchReplicaSpecs"].update(Chief={})),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Chief", "Master, Worker"),
+    ("no container named pytorch", _edit(lambda d: _job_pod(d)["containers"][0].update(name="train")),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.template.spec.containers", "'pytorch'"),
+    ("job name not DNS-1035", _edit(lambda d: _obj(d, "PyTorchJob")["metadata"].update(name="1st.job")),
+     "PyTorchJob/team-vision/1st.job", "metadata.name", "DNS-1035"),
+    ("privileged container", _edit(lambda d: _job_pod(d)["containers"][0]["securityContext"].update(privileged=True)),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.template.spec.containers[0].securityContext.privileged", "restricted"),
+    ("privileged trial container", _edit(lambda d: _trial_pod(d)["containers"][0]["securityContext"].update(privileged=True)),
+     "Experiment/team-vision/sweep", "spec.trialTemplate.trialSpec.spec.pytorchReplicaSpecs.Master.template.spec.containers[0].securityContext.privileged", "restricted"),
+    ("root trial pod", _edit(lambda d: _trial_pod(d)["securityContext"].update(runAsUser=0)),
+     "Experiment/team-vision/sweep", "spec.trialTemplate.trialSpec.spec.pytorchReplicaSpecs.Master.template.spec.securityContext.runAsUser", "must not be 0"),
+    ("hostPath volume", _edit(lambda d: _job_pod(d)["volumes"].append({"name": "h", "hostPath": {"path": "/"}})),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.template.spec.volumes[1].hostPath", "not allowed"),
+    ("missing quota", _drop("ResourceQuota"),
+     "Namespace//team-vision", "(namespace)", "no ResourceQuota"),
+    ("missing network policy", _drop("NetworkPolicy"),
+     "Namespace//team-vision", "(namespace)", "no NetworkPolicy"),
+    (":latest image", _edit(lambda d: _job_pod(d)["containers"][0].update(image="ghcr.io/example/trainer:latest")),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.template.spec.containers[0].image", ":latest"),
+    ("untagged trial image", _edit(lambda d: _trial_pod(d)["containers"][0].update(image="ghcr.io/example/trainer")),
+     "Experiment/team-vision/sweep", "spec.trialTemplate.trialSpec.spec.pytorchReplicaSpecs.Master.template.spec.containers[0].image", "no tag"),
+    ("missing limits", _edit(lambda d: _job_pod(d)["containers"][0]["resources"].pop("limits")),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.template.spec.containers[0].resources.limits", "cpu and memory"),
+    ("missing toleration", _edit(_drop_worker_spot_toleration),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Worker.template.spec.tolerations", "cloud.google.com/gke-spot"),
+    ("wrong team-config capacity", _edit(lambda d: _team_config(d).update(capacity="preemptible")),
+     "ConfigMap/team-vision/team-config", "data.capacity", "spot, on-demand"),
+    ("team-config nodeSelector off gpuType", _edit(lambda d: _team_config(d).update(gpuType="nvidia-tesla-t4")),
+     "ConfigMap/team-vision/team-config", "data.nodeSelector", "nvidia-tesla-t4"),
+    ("cluster-scoped Profile with a namespace", _edit(lambda d: _obj(d, "Profile")["metadata"].update(namespace="team-vision")),
+     "Profile/team-vision/team-vision", "metadata.namespace", "cluster-scoped"),
+    ("Namespace owner differs from Profile", _edit(lambda d: _obj(d, "Namespace")["metadata"]["annotations"].update(owner="x@example.com")),
+     "Namespace//team-vision", 'metadata.annotations.owner', "vision-lead@example.com"),
+    ("double from 0 under bayesianoptimization", _edit(lambda d: _obj(d, "Experiment")["spec"]["parameters"][0]["feasibleSpace"].update(min="0")),
+     "Experiment/team-vision/sweep", "spec.parameters[0].feasibleSpace.min", "log-uniform"),
+    ("undeclared trial parameter", _edit(lambda d: _trial_pod(d)["containers"][0]["command"].append("${trialParameters.momentum}")),
+     "Experiment/team-vision/sweep", "spec.trialTemplate.trialSpec", "momentum"),
+]
+
+
+@pytest.mark.parametrize(("case", "breakage", "obj", "path", "words"), CASES, ids=[c[0] for c in CASES])
+def test_broken_copy_is_caught(schemas, team_vision, case, breakage, obj, path, words) -> None:
+    docs = breakage(copy.deepcopy(team_vision + _fixture_docs()))
+    findings = check(docs, schemas)
+    matching = [f for f in findings if f"{f.kind}/{f.namespace}/{f.name}" == obj and f.path == path and words in f.message]
+    assert matching, f"{case}: expected {obj} {path} ~{words!r}, got: " + "; ".join(map(str, findings))
+
+
+def test_trial_placeholders_are_substituted_before_the_schema(schemas, team_vision) -> None:
+    """An int placeholder standing alone stays a string, as in Katib: the PyTorchJob schema rejects it."""
+    docs = copy.deepcopy(team_vision + _fixture_docs())
+    experiment = _obj(docs, "Experiment")
+    experiment["spec"]["trialTemplate"]["trialParameters"].append({"name": "workers", "reference": "workers"})
+    experiment["spec"]["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = "${trialParameters.workers}"
+    findings = [f for f in check(docs, schemas) if f.kind == "Experiment"]
+    assert any(f.path.endswith("pytorchReplicaSpecs.Master.replicas") and "'1' is not of type 'integer'" in f.message for f in findings), findings
+
+
+def test_kueue_config_must_enable_pytorchjob(schemas, default_run) -> None:
+    docs = copy.deepcopy(default_run[0].docs)
+    config = _obj(docs, "ConfigMap", "kueue-manager-config")
+    config["data"]["controller_manager_config.yaml"] = config["data"]["controller_manager_config.yaml"].replace("- kubeflow.org/pytorchjob", "")
+    findings = check(docs, schemas)
+    assert [f.path for f in findings if "kubeflow.org/pytorchjob" in f.message] == ['data["controller_manager_config.yaml"]']
+
+
+@pytest.mark.parametrize(
+    ("entry", "pinned"),
+    [
+        ("https://github.com/kubeflow/manifests/applications/katib/upstream/installs/katib-with-kubeflow?ref=26.03", True),
+        ("github.com/kubeflow/manifests/common/cert-manager/base?ref=v1.10.0", True),
+        ("https://github.com/kubeflow/manifests/common/x?ref=" + "a" * 40, True),
+        ("https://github.com/kubernetes-sigs/kueue/releases/download/v0.19.2/manifests.yaml", True),
+        ("https://github.com/kubeflow/manifests/common/x?ref=master", False),
+        ("https://github.com/kubeflow/manifests/common/x?ref=latest", False),
+        ("https://github.com/kubeflow/manifests/common/x", False),
+        ("https://github.com/kubernetes-sigs/kueue/releases/latest/download/manifests.yaml", False),
+    ],
+)
+def test_remote_refs_must_be_pinned(entry: str, pinned: bool) -> None:
+    assert (pin_problem(entry) is None) is pinned
+
+
+def test_strict_rejects_unknown_fields_but_keeps_preserved_objects() -> None:
+    schema = strict({"type": "object", "properties": {"a": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"b": {}}}}})
+    assert schema["additionalProperties"] is False
+    assert "additionalProperties" not in schema["properties"]["a"]
+
+
+def test_cli_prints_file_object_and_path_and_exits_1(tmp_path: Path, capsys) -> None:
+    job = yaml.safe_load((FIXTURES / "pytorchjob.yaml").read_text())
+    job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 2
+    broken = tmp_path / "job.yaml"
+    broken.write_text(yaml.safe_dump(job))
+    assert cli.main(["validate", str(broken)]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert f"{broken}: PyTorchJob/team-vision/arrcoc-train-1: spec.pytorchReplicaSpecs.Master.replicas: Master replicas must be 1, got 2" in out
+
+
+def test_cli_ok_line_and_user_errors(capsys, monkeypatch, tmp_path: Path) -> None:
+    assert cli.main(["validate", str(FIXTURES / "pytorchjob.yaml")]) == 0
+    assert capsys.readouterr().out.startswith("arrcoc validate: OK: 1 target(s), 1 object(s)")
+    assert cli.main(["validate", str(tmp_path / "nowhere")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    monkeypatch.setenv("ARRCOC_CRD_DIR", str(tmp_path / "no-crds"))
+    assert cli.main(["validate", str(FIXTURES)]) == 2
+    assert "make crds" in capsys.readouterr().err
+
+
+def test_broken_kustomization_is_reported_on_its_directory(tmp_path: Path, schemas) -> None:
+    (tmp_path / "kustomization.yaml").write_text("resources: [missing.yaml]\n")
+    loaded, findings = validate([tmp_path], schemas)
+    assert len(findings) == 1 and findings[0].path == "(build)" and "kubectl kustomize failed" in findings[0].message
+
+
+def test_crd_download_check_catches_a_changed_file(tmp_path: Path) -> None:
+    """Only the checksum part runs here: there is no network."""
+    from pipelines import crds
+
+    sums = crds.expected_sums()
+    assert crds.verify(crd_dir()) == []
+    name = "katib-v0.19.0/swagger.json"
+    copy_dir = tmp_path / "crds"
+    (copy_dir / "katib-v0.19.0").mkdir(parents=True)
+    data = json.loads((crd_dir() / name).read_text())
+    data["info"] = {"title": "tampered"}
+    (copy_dir / name).write_text(json.dumps(data))
+    problems = crds.verify(copy_dir, {name: sums[name], "kueue-v0.19.2/kueue.x-k8s.io_cohorts.yaml": sums["kueue-v0.19.2/kueue.x-k8s.io_cohorts.yaml"]})
+    assert len(problems) == 2
+    assert "does not match" in problems[0] and problems[1].endswith("missing")
