@@ -1,0 +1,171 @@
+"""Bayesian against random search over the three tensions, on short real training runs.
+
+Question: how many trials does each algorithm need to reach 95% of the best relevance_score that a dense grid
+finds? The issue's goal is Bayesian <= 0.5x random; this script reports whatever it measures.
+
+Design, for two shared CPU cores:
+- The search space is a grid: each tension takes POINTS values spread evenly over Katib's feasible space
+  [0.01, 1.0] (0.01, not 0: the Experiment's min, see katib/README.md). Both samplers search that same grid
+  (Optuna FloatDistribution with a step), so every point either proposes is a grid point.
+- Every grid point is trained once (`python -m trainer`, STEPS steps, fixed seed) and its metrics are cached
+  on disk (runs/bench/katib_cache.json, keyed by the tensions and every trainer flag). The dense grid is that
+  cache; the searches then replay it, so a point is never trained twice, and re-running the bench with the
+  same flags trains nothing.
+- Bayesian is Optuna's GPSampler with n_startup_trials and the seed mapped from the base Experiment's
+  settings as `arrcoc sweep --local` maps them; random is RandomSampler. Both run SEEDS times with different
+  seeds; the table shows the median trials-to-95% and the ratio Bayesian / random. A search that never gets
+  there within the budget counts as budget + 1 (marked ">").
+- Cost: POINTS**3 training runs of ~8 s (4 points: 64 runs, about 9 minutes on an idle 2-core machine), then
+  a minute or two of GP fitting. Needs scipy (Optuna's GPSampler).
+
+Run: .venv/bin/python bench/katib_bo_vs_random.py [--points 4] [--seeds 7] [--steps 60] [--jobs 1]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipelines.katib_experiment import observe, read_experiment  # noqa: E402
+
+TENSIONS = ("compress_vs_particularize", "exploit_vs_explore", "focus_vs_diversify")
+LOW, HIGH = 0.01, 1.0
+
+
+def grid_values(points: int) -> list[float]:
+    step = (HIGH - LOW) / (points - 1)
+    return [round(LOW + i * step, 6) for i in range(points)]
+
+
+def trainer_flags(args: argparse.Namespace) -> list[str]:
+    return ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--eval-every", str(args.steps),
+            "--eval-size", str(args.eval_size), "--checkpoint-every", str(args.steps), "--seed", str(args.seed),
+            "--resume", "never", "--base-model", "tiny"]
+
+
+def key(point: tuple[float, ...], flags: list[str]) -> str:
+    return ",".join(f"{v:.6f}" for v in point) + "|" + " ".join(flags)
+
+
+def load_cache(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_cache(path: Path, cache: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".cache.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(cache, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def train(point: tuple[float, ...], flags: list[str], objective) -> dict:
+    with tempfile.TemporaryDirectory(prefix="katib-bench-") as out:
+        command = [sys.executable, "-m", "trainer", *flags, "--out", out]
+        for name, value in zip(TENSIONS, point):
+            command += ["--" + name.replace("_", "-"), repr(value)]
+        started = time.monotonic()
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            raise SystemExit(f"trainer failed at {point} (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
+    obs = observe(proc.stdout, objective)
+    return {"metrics": {n: o.latest for n, o in obs.items()}, "seconds": round(time.monotonic() - started, 2)}
+
+
+def evaluate_grid(args: argparse.Namespace, objective) -> dict[tuple[float, ...], float]:
+    flags = trainer_flags(args)
+    cache_path = ROOT / "runs" / "bench" / "katib_cache.json"
+    cache = load_cache(cache_path)
+    points = list(itertools.product(grid_values(args.points), repeat=3))
+    missing = [p for p in points if key(p, flags) not in cache]
+    print(f"grid: {len(points)} points, {len(points) - len(missing)} cached, training {len(missing)}", flush=True)
+    if missing:
+        from concurrent.futures import ThreadPoolExecutor
+
+        env_threads = {"OMP_NUM_THREADS": "1"} if args.jobs > 1 else {}
+        os.environ.update(env_threads)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for i, (p, result) in enumerate(zip(missing, pool.map(lambda q: train(q, flags, objective), missing)), 1):
+                cache[key(p, flags)] = result
+                save_cache(cache_path, cache)
+                score = result["metrics"][objective.metric]
+                print(f"  [{i}/{len(missing)}] {p} {objective.metric}={score} ({result['seconds']} s)", flush=True)
+    return {p: float(cache[key(p, flags)]["metrics"][objective.metric]) for p in points}
+
+
+def trials_to_target(sampler_name: str, seed: int, scores: dict, target: float, budget: int, startup: int) -> int:
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if sampler_name == "bayesian":
+        sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    values = grid_values(round((len(scores)) ** (1 / 3)))
+    step = values[1] - values[0]
+    space = {t: FloatDistribution(LOW, HIGH, step=step) for t in TENSIONS}
+    lookup = {tuple(round(v, 4) for v in p): s for p, s in scores.items()}
+    for n in range(1, budget + 1):
+        trial = study.ask(space)
+        point = tuple(round(trial.params[t], 4) for t in TENSIONS)
+        score = lookup[point]
+        study.tell(trial, score)
+        if score >= target:
+            return n
+    return budget + 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--points", type=int, default=4, help="grid values per tension (points**3 training runs)")
+    parser.add_argument("--seeds", type=int, default=7, help="searches per algorithm (>= 5)")
+    parser.add_argument("--budget", type=int, default=0, help="trials per search (default: the grid size)")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0, help="trainer seed (the same for every point)")
+    parser.add_argument("--jobs", type=int, default=1, help="training runs at once")
+    args = parser.parse_args()
+    if args.seeds < 5 or args.points < 2:
+        parser.error("--seeds must be >= 5 and --points >= 2")
+
+    experiment = read_experiment(ROOT / "katib" / "base" / "experiment.yaml")
+    startup = int(experiment.settings.get("n_initial_points", "10"))
+    scores = evaluate_grid(args, experiment.objective)
+    best_point, best = max(scores.items(), key=lambda kv: kv[1])
+    target = 0.95 * best
+    budget = args.budget or len(scores)
+    spread = sorted(scores.values())
+    print(f"\ngrid best {experiment.objective.metric}={best:.4f} at {dict(zip(TENSIONS, best_point))}")
+    print(f"grid min {spread[0]:.4f}, median {statistics.median(spread):.4f}; target (95% of best) {target:.4f}; "
+          f"{sum(s >= target for s in spread)}/{len(spread)} points reach it")
+
+    rows = []
+    for name in ("bayesian", "random"):
+        counts = [trials_to_target(name, seed, scores, target, budget, startup) for seed in range(args.seeds)]
+        rows.append((name, counts, statistics.median(counts)))
+    print(f"\n| algorithm | trials to 95% of grid best, per seed (budget {budget}) | median |")
+    print("|---|---|---|")
+    for name, counts, median in rows:
+        shown = ", ".join(f">{budget}" if c > budget else str(c) for c in counts)
+        print(f"| {name} | {shown} | {median:g} |")
+    ratio = rows[0][2] / rows[1][2]
+    print(f"\nratio bayesian / random (medians): {ratio:.2f} (goal <= 0.5); "
+          f"n_startup_trials={startup} from katib/base/experiment.yaml")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
