@@ -1,0 +1,82 @@
+"""Trainer overhead: `arrcoc train` samples/s against a bare torch loop over the same model and batches.
+
+Both run in this process, one after the other, on the same data stream and batch size. The bare loop is
+only forward/backward/clip/AdamW step; the trainer adds what a real run needs: periodic evaluation,
+atomic checkpoints, metric lines, the stop-flag check. Data generation (synthetic scenes on the fly)
+is in both; its share is reported separately with a loop over one pre-built batch.
+
+    .venv/bin/python bench/throughput.py [--steps 200] [--batch-size 32]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+import torch
+from common import markdown_table, train_quietly
+
+from trainer.config import TrainConfig
+from trainer.data import SceneSource
+from trainer.model import ArrCoc, gumbel_noise
+from trainer.train import lr_lambda, step_seed
+
+
+def bare_loop(cfg: TrainConfig, fixed_batch: bool) -> float:
+    torch.manual_seed(cfg.seed)
+    model = ArrCoc(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    source = SceneSource(cfg.seed)
+    one = {k: torch.from_numpy(v) for k, v in source.batch(np.arange(cfg.batch_size)).items()}
+    began = time.perf_counter()
+    for step in range(cfg.steps):
+        batch = one if fixed_batch else {k: torch.from_numpy(v) for k, v in source.batch(
+            np.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size)).items()}
+        noise = gumbel_noise(torch.Size((cfg.batch_size, cfg.grid ** 2)), cfg,
+                             torch.Generator().manual_seed(step_seed(cfg, step, 0)))
+        loss = model(batch, noise=noise)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return cfg.steps * cfg.batch_size / (time.perf_counter() - began)
+
+
+def trainer_rate(cfg: TrainConfig) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(**{**cfg.to_dict(), "out": tmp, "resume": "never"})
+        began = time.perf_counter()
+        train_quietly(cfg)
+        return cfg.steps * cfg.batch_size / (time.perf_counter() - began)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # both sides on one core, so other load on the machine matters less
+    # The trainer's own defaults for evaluation and checkpoint cadence (every 100 and 50 steps).
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size)
+    bare, trainer, fixed = [], [], []
+    for _ in range(args.repeats):  # interleaved, best of each
+        bare.append(bare_loop(cfg, fixed_batch=False))
+        trainer.append(trainer_rate(cfg))
+        fixed.append(bare_loop(cfg, fixed_batch=True))
+    b, t, f = max(bare), max(trainer), max(fixed)
+    print(markdown_table(["loop", "samples/s", "vs bare loop"], [
+        ["bare torch loop (same data stream)", b, 1.0],
+        ["arrcoc train (eval, checkpoints, metrics)", t, t / b],
+        ["bare loop on one pre-built batch", f, f / b],
+    ]))
+    print(f"trainer overhead: {100 * (1 - t / b):.1f}% of bare-loop throughput "
+          f"({args.steps} steps, batch {args.batch_size}, 1 thread, best of {args.repeats})")
+
+
+if __name__ == "__main__":
+    main()
