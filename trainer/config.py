@@ -35,6 +35,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_size: int = 256
     checkpoint_every: int = 50
+    log_every: int = 10  # a progress line on stderr when it is not a terminal
     keep_checkpoints: int = 3
     out: str = "runs/train"
     resume: str = "auto"  # auto | never | PATH to a step directory
@@ -77,7 +78,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name}={value} is outside the allowed range [0, 1]")
-        for name in ("steps", "batch_size", "eval_every", "eval_size", "checkpoint_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "eval_every", "eval_size", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.lr <= 0:

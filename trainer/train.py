@@ -29,8 +29,11 @@ from .evaluation import eval_source, evaluate, report, write_metrics
 from .model import ArrCoc, gumbel_noise
 
 DEFAULT_DEEPSPEED_CONFIG = Path(__file__).with_name("ds_zero2.json")
+# 128 + SIGHUP: this replica lost its peers (a collective broke because another replica died). It is in
+# 128-255 so that restartPolicy ExitCode retries it, as it does for the replica that was killed.
+PEER_LOST_EXIT = 129
 # Fields that may change between an interrupted run and its resumption; anything else must match.
-RUN_CONTROL = {"steps", "eval_every", "eval_size", "checkpoint_every", "keep_checkpoints", "out", "resume"}
+RUN_CONTROL = {"steps", "eval_every", "eval_size", "checkpoint_every", "keep_checkpoints", "log_every", "out", "resume"}
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -142,13 +145,28 @@ def run(cfg: TrainConfig) -> int:
     requested: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _frame: requested.append(signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}
-    world = init_world()
+    world = World()
     try:
+        world = init_world()
         return _run(cfg, world, requested)
+    except RuntimeError as exc:  # torch.distributed errors are RuntimeErrors (DistError and gloo's plain ones)
+        if not peer_lost(exc):
+            raise
+        print(f"lost the other replicas ({str(exc).splitlines()[0][:200]}); exiting {PEER_LOST_EXIT} so the "
+              f"restart policy retries this replica", file=sys.stderr, flush=True)
+        return PEER_LOST_EXIT
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         shutdown(world)
+
+
+def peer_lost(exc: RuntimeError) -> bool:
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(
+        marker in text for marker in ("Connection reset", "Connection closed", "Broken pipe", "gloo/transport"))
 
 
 def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
@@ -185,6 +203,8 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
+        if bar.disable and world.is_main and done % cfg.log_every == 0:  # kubectl logs: a line, not a bar
+            print(f"step {done}/{cfg.steps} loss {loss:.4f} lr {scheduler.get_last_lr()[0]:.2e}", file=sys.stderr, flush=True)
 
         if world.is_main and (done % cfg.eval_every == 0 or done == cfg.steps):
             metrics = evaluate(model, cfg, evals, world.device)
