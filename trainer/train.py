@@ -203,8 +203,10 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
-        if bar.disable and world.is_main and done % cfg.log_every == 0:  # kubectl logs: a line, not a bar
-            print(f"step {done}/{cfg.steps} loss {loss:.4f} lr {scheduler.get_last_lr()[0]:.2e}", file=sys.stderr, flush=True)
+        if bar.disable and done % cfg.log_every == 0:  # kubectl logs of every replica: a line, not a bar
+            who = f"[rank {world.rank}] " if world.distributed else ""
+            print(f"{who}step {done}/{cfg.steps} loss {loss:.4f} lr {scheduler.get_last_lr()[0]:.2e}",
+                  file=sys.stderr, flush=True)
 
         if world.is_main and (done % cfg.eval_every == 0 or done == cfg.steps):
             metrics = evaluate(model, cfg, evals, world.device)
