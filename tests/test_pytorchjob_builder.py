@@ -1,0 +1,232 @@
+"""The PyTorchJob builder: the spec's contents, its validity against the upstream CRD and restricted Pod
+Security (through `arrcoc validate`'s checks), input errors, and the example kept in git."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines import cli
+from pipelines.pytorchjob import (KATIB_TRIAL_NAME, ManifestError, build_pytorchjob, check_manifest, from_manifest,
+                                  to_manifest, to_yaml)
+from pipelines.team_config import TeamConfig
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "pipelines" / "examples" / "pytorchjob-tiny.yaml"
+# The command that wrote EXAMPLE (docs/pytorchjob.md says how to regenerate it).
+EXAMPLE_ARGV = ["pytorchjob", "render", "--name", "arrcoc-tiny", "--workers", "1", "--image", "ghcr.io/arrcoc/arrcoc-trainer:0.1.0",
+                "--", "--steps", "20", "--batch-size", "8", "--eval-every", "10", "--eval-size", "32",
+                "--checkpoint-every", "5", "--seed", "0"]
+
+TEAM_DATA = {
+    "team": "team-vision", "capacity": "spot", "gpuType": "nvidia-l4", "gpusPerReplica": "2", "cpuPerReplica": "8",
+    "memoryPerReplica": "32Gi", "nodeSelector": "{}",
+    "tolerations": '[{"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}]',
+    "kueueQueue": "team-vision", "checkpointBucket": "", "checkpointPVC": "checkpoints", "backoffLimit": "6",
+    "priorityClassName": "arrcoc-training",
+}
+PVC_TEAM = TeamConfig.from_configmap(TEAM_DATA)
+BUCKET_TEAM = TeamConfig.from_configmap({**TEAM_DATA, "checkpointBucket": "vision-ckpt", "checkpointPVC": ""})
+LOCAL_TEAM = TeamConfig.local_default()
+
+
+def replicas(manifest: dict) -> dict:
+    return manifest["spec"]["pytorchReplicaSpecs"]
+
+
+def pod(manifest: dict, rtype: str = "Master") -> dict:
+    return replicas(manifest)[rtype]["template"]
+
+
+def container(manifest: dict, rtype: str = "Master") -> dict:
+    return pod(manifest, rtype)["spec"]["containers"][0]
+
+
+def test_master_and_workers_share_one_template() -> None:
+    m = to_manifest(build_pytorchjob("train-a", team=PVC_TEAM, workers=3, image="trainer:1.2.3",
+                                     trainer_args=["--steps", "100"], run_id="run-7"))
+    assert (m["apiVersion"], m["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
+    assert m["metadata"]["namespace"] == "team-vision"
+    assert replicas(m)["Master"]["replicas"] == 1 and replicas(m)["Worker"]["replicas"] == 3
+    assert {r["restartPolicy"] for r in replicas(m).values()} == {"ExitCode"}
+    assert pod(m, "Master") == pod(m, "Worker")
+    c = container(m)
+    assert c["name"] == "pytorch" and c["image"] == "trainer:1.2.3"
+    # the builder owns --out: the stable run directory on the checkpoint volume
+    assert c["args"] == ["--steps", "100", "--out", "/checkpoints/run-7"]
+    assert {"mountPath": "/checkpoints", "name": "checkpoints"} in c["volumeMounts"]
+
+
+def test_resources_scheduling_and_labels_come_from_the_team() -> None:
+    m = to_manifest(build_pytorchjob("train-a", team=PVC_TEAM, labels={"experiment": "e1"}))
+    c, spec = container(m), pod(m)["spec"]
+    expected = {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "2"}
+    assert c["resources"] == {"requests": expected, "limits": expected}
+    assert spec["tolerations"] == [{"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
+                                    "effect": "NoSchedule"}]
+    assert spec["nodeSelector"] == {"cloud.google.com/gke-spot": "true", "cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert spec["priorityClassName"] == "arrcoc-training"
+    assert m["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-vision"
+    assert m["metadata"]["labels"]["experiment"] == "e1" and pod(m)["metadata"]["labels"]["experiment"] == "e1"
+    assert m["spec"]["runPolicy"]["backoffLimit"] == 6
+    assert spec["volumes"][0] == {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "checkpoints"}}
+
+
+def test_bucket_checkpoints_mount_through_gcs_fuse() -> None:
+    m = to_manifest(build_pytorchjob("train-a", team=BUCKET_TEAM))
+    volume = pod(m)["spec"]["volumes"][0]
+    assert volume["csi"]["driver"] == "gcsfuse.csi.storage.gke.io"
+    assert volume["csi"]["volumeAttributes"]["bucketName"] == "vision-ckpt"
+    assert pod(m)["metadata"]["annotations"]["gke-gcsfuse/volumes"] == "true"
+    assert "gke-gcsfuse/volumes" not in pod(to_manifest(build_pytorchjob("train-a", team=PVC_TEAM)))["metadata"]["annotations"]
+
+
+def test_local_team_uses_an_empty_dir_and_no_gpu() -> None:
+    m = to_manifest(build_pytorchjob("train-a", team=LOCAL_TEAM, workers=0))
+    assert "Worker" not in replicas(m)
+    assert pod(m)["spec"]["volumes"][0] == {"name": "checkpoints", "emptyDir": {}}
+    assert "nvidia.com/gpu" not in container(m)["resources"]["limits"]
+    assert "kueue.x-k8s.io/queue-name" not in m["metadata"]["labels"]
+
+
+def test_pod_is_restricted_istio_free_and_has_shared_memory() -> None:
+    m = to_manifest(build_pytorchjob("train-a", team=PVC_TEAM))
+    spec, c = pod(m)["spec"], container(m)
+    assert pod(m)["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 1000
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
+    assert {"mountPath": "/dev/shm", "name": "dshm"} in c["volumeMounts"]
+
+
+@pytest.mark.parametrize("nproc, command", [
+    ("1", ["python", "-m", "trainer"]),
+    ("2", ["torchrun", "-m", "trainer"]),
+    ("auto", ["torchrun", "-m", "trainer"]),
+])
+def test_several_processes_per_pod_go_through_torchrun(nproc: str, command: list[str]) -> None:
+    m = to_manifest(build_pytorchjob("train-a", team=PVC_TEAM, nproc_per_node=nproc))
+    assert m["spec"]["nprocPerNode"] == nproc
+    assert container(m)["command"] == command
+
+
+def test_nproc_defaults_to_the_team_gpus() -> None:
+    assert to_manifest(build_pytorchjob("a", team=PVC_TEAM))["spec"]["nprocPerNode"] == "2"
+    assert to_manifest(build_pytorchjob("a", team=LOCAL_TEAM))["spec"]["nprocPerNode"] == "1"
+
+
+def test_katib_trial_name_is_a_valid_run_id() -> None:
+    m = to_manifest(build_pytorchjob("a", team=PVC_TEAM, run_id=KATIB_TRIAL_NAME))
+    assert container(m)["args"][-1] == "/checkpoints/${trialParameters.trialName}"
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"name": "Train"}, "DNS-1035"),
+    ({"name": "1train"}, "DNS-1035"),
+    ({"name": "a" * 60, "workers": 2}, "63"),
+    ({"namespace": "Team"}, "namespace"),
+    ({"image": "trainer"}, "tag or a digest"),
+    ({"image": "registry:5000/trainer"}, "tag or a digest"),
+    ({"image": "trainer:latest"}, "latest"),
+    ({"image": "trainer@sha256:abc"}, "digest"),
+    ({"workers": -1}, "workers"),
+    ({"nproc_per_node": "many"}, "nproc_per_node"),
+    ({"nproc_per_node": "4"}, "gpusPerReplica"),
+    ({"trainer_args": ["--out", "/tmp/x"]}, "--out"),
+    ({"trainer_args": ["--out=/tmp/x"]}, "--out"),
+    ({"run_id": "a/b"}, "run id"),
+    ({"clean_pod_policy": "Sometimes"}, "clean_pod_policy"),
+    ({"labels": {"bad key!": "x"}}, "label"),
+    ({"checkpoint_mount": "relative"}, "checkpoint mount"),
+])
+def test_bad_inputs_raise_one_line(kwargs: dict, fragment: str) -> None:
+    args = {"name": "train-a", "team": PVC_TEAM, **kwargs}
+    with pytest.raises(ManifestError) as info:
+        build_pytorchjob(**args)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_pinned_images_are_accepted() -> None:
+    digest = "trainer@sha256:" + "0" * 64
+    assert container(to_manifest(build_pytorchjob("a", team=PVC_TEAM, image=digest)))["image"] == digest
+    assert container(to_manifest(build_pytorchjob("a", team=PVC_TEAM, image="reg:5000/trainer:1")))["image"] == "reg:5000/trainer:1"
+
+
+def test_manifest_round_trips_through_the_training_client_model() -> None:
+    m = to_manifest(build_pytorchjob("train-a", team=BUCKET_TEAM, workers=2))
+    assert to_manifest(from_manifest(m)) == m
+    assert yaml.safe_load(to_yaml(m)) == m
+
+
+@pytest.fixture(scope="module")
+def schemas():
+    from pipelines.validate import crd_dir
+    from pipelines.validation.schemas import CrdDirError, SchemaSet
+
+    try:
+        return SchemaSet(crd_dir())  # seconds to load: once per module
+    except CrdDirError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("team", [LOCAL_TEAM, PVC_TEAM, BUCKET_TEAM], ids=["local", "pvc", "bucket"])
+def test_rendered_jobs_pass_arrcoc_validate(team: TeamConfig, schemas) -> None:
+    """The upstream CRD schema (strict), restricted Pod Security and the webhook rules, as `arrcoc validate`."""
+    from pipelines.validate import check
+    from pipelines.validation.findings import Doc
+
+    manifest = to_manifest(build_pytorchjob("train-a", team=team, workers=2, active_deadline_seconds=3600))
+    assert [str(f) for f in check([Doc("rendered", manifest)], schemas)] == []
+
+
+@pytest.mark.parametrize("path, value, fragment", [
+    (["kind"], "TFJob", "apiVersion/kind"),
+    (["spec", "pytorchReplicaSpecs", "Chief"], {"replicas": 1}, "Chief"),
+    (["spec", "pytorchReplicaSpecs", "Master", "replicas"], 2, "Master replicas must be 1"),
+    (["spec", "pytorchReplicaSpecs", "Worker", "restartPolicy"], "Sometimes", "restartPolicy"),
+    (["spec", "pytorchReplicaSpecs", "Master", "template", "spec", "containers", 0, "name"], "main", "pytorch"),
+    (["spec", "runPolicy", "cleanPodPolicy"], "Some", "cleanPodPolicy"),
+    (["spec", "runPolicy", "backoffLimit"], -1, "backoffLimit"),
+    (["spec", "nprocPerNode"], "0", "nprocPerNode"),
+])
+def test_check_manifest_enforces_the_webhook_rules(path: list, value: object, fragment: str) -> None:
+    manifest = to_manifest(build_pytorchjob("train-a", team=LOCAL_TEAM, workers=1))
+    check_manifest(manifest)
+    target = manifest
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(ManifestError, match=fragment):
+        check_manifest(manifest, source="job.yaml")
+
+
+def test_render_cli_matches_the_example_in_git(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(EXAMPLE_ARGV) == 0
+    rendered = capsys.readouterr().out
+    assert rendered == EXAMPLE.read_text(), (
+        "pipelines/examples/pytorchjob-tiny.yaml is stale: regenerate it with the command in docs/pytorchjob.md")
+
+
+def test_render_cli_reads_a_team_config_file_and_writes_atomically(tmp_path: Path) -> None:
+    team_file = tmp_path / "team-config.yaml"
+    team_file.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap",
+                                         "metadata": {"name": "team-config"}, "data": TEAM_DATA}))
+    out = tmp_path / "out" / "job.yaml"
+    assert cli.main(["pytorchjob", "render", "--team-config", str(team_file), "--name", "vision-1", "--workers", "2",
+                     "--image", "trainer:2", "-o", str(out), "--", "--steps", "7"]) == 0
+    m = yaml.safe_load(out.read_text())
+    assert m["metadata"]["namespace"] == "team-vision" and replicas(m)["Worker"]["replicas"] == 2
+    assert container(m)["args"] == ["--steps", "7", "--out", "/checkpoints/vision-1"]
+    assert [p.name for p in out.parent.iterdir()] == ["job.yaml"]  # no temp file left behind
+
+
+def test_render_cli_bad_input_is_one_line_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert cli.main(["pytorchjob", "render", "--image", "trainer:latest"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "latest" in err and "\n" not in err
+    out = tmp_path / "job.yaml"
+    assert cli.main(["pytorchjob", "render", "--name", "Bad_Name", "-o", str(out)]) == 2
+    assert not out.exists()
