@@ -1,0 +1,147 @@
+"""The evaluation report: one HTML page of pictures (base64 PNGs, no external files) and a Markdown summary.
+
+Each row is one query on one image, drawn as four panels a person reads at a glance:
+image | blended relevance r | ground truth | token allocation (selected cells outlined, tokens per cell).
+Image-folder rows have no ground truth; their third panel says so.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+QUESTION = {"SHAPE?": "Which shape is the {colour} object?", "WHERE?": "Where is the {colour} object?"}
+
+
+@dataclass
+class Row:
+    image: np.ndarray  # [H,W,3] uint8
+    qtype: str  # SHAPE? | WHERE?
+    colour: str
+    relevance: np.ndarray  # [G,G] blended r in [0,1]
+    tokens: np.ndarray  # [G,G] visual tokens per cell (0 outside the selection)
+    truth: np.ndarray | None  # [G,G] ground-truth relevance, None for image-folder images
+    answer: str | None  # the true answer, None without ground truth
+    predicted: str
+    label: str  # e.g. "eval scene 3" or the file name
+
+    @property
+    def question(self) -> str:
+        return QUESTION.get(self.qtype, "{colour} " + self.qtype).format(colour=self.colour)
+
+
+def _overlay(ax, image: np.ndarray, cells: np.ndarray, cmap: str, vmax: float, title: str,
+             hide_zeros: bool = False) -> None:
+    h, w = image.shape[:2]
+    ax.imshow(image, interpolation="nearest")
+    if hide_zeros:  # cells that got nothing stay see-through, so the eye goes to those that did
+        cells = np.ma.masked_equal(cells, 0)
+    ax.imshow(cells, cmap=cmap, vmin=0.0, vmax=vmax, alpha=0.6, extent=(0, w, h, 0), interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+
+
+def row_png(row: Row, dpi: int = 72) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in a pipeline pod or under kfp.local
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    fig, axes = plt.subplots(1, 4, figsize=(9.6, 2.8))
+    h, w = row.image.shape[:2]
+    grid = row.relevance.shape[0]
+    cell_h, cell_w = h / grid, w / grid
+    axes[0].imshow(row.image, interpolation="nearest")
+    axes[0].set_title("image", fontsize=9)
+    _overlay(axes[1], row.image, row.relevance, "inferno", 1.0, "blended relevance r")
+    if row.truth is None:
+        axes[2].imshow(row.image, interpolation="nearest", alpha=0.25)
+        axes[2].text(w / 2, h / 2, "no ground truth\n(image folder)", ha="center", va="center", fontsize=9)
+        axes[2].set_title("ground truth", fontsize=9)
+    else:
+        _overlay(axes[2], row.image, row.truth, "Greens", 1.0, "ground truth", hide_zeros=True)
+    _overlay(axes[3], row.image, row.tokens, "viridis", max(float(row.tokens.max()), 1.0),
+             f"tokens ({int(round(row.tokens.sum()))} in {int((row.tokens > 0).sum())} cells)", hide_zeros=True)
+    for y, x in zip(*np.nonzero(row.tokens)):
+        axes[3].add_patch(Rectangle((x * cell_w, y * cell_h), cell_w, cell_h, fill=False, edgecolor="white", lw=1))
+        axes[3].text((x + 0.5) * cell_w, (y + 0.5) * cell_h, f"{row.tokens[y, x]:.0f}", color="white",
+                     ha="center", va="center", fontsize=7, fontweight="bold")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    verdict = "" if row.answer is None else f"   answer: {row.answer}, predicted: {row.predicted}" + \
+        (" (right)" if row.answer == row.predicted else " (wrong)")
+    fig.suptitle(f"{row.label}: {row.question}{verdict}", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _table(pairs: Sequence[tuple[str, str]]) -> str:
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in pairs)
+    return f"<table>{cells}</table>"
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def html_report(metrics: Mapping[str, float], baseline: Mapping[str, float], tensions: Mapping[str, float],
+                facts: Mapping[str, object], scene_rows: Sequence[Row], folder_rows: Sequence[Row]) -> str:
+    """The whole page; every picture is embedded (the KFP UI shows an HTML artifact as a single file)."""
+    def figures(rows: Sequence[Row]) -> str:
+        out = []
+        for row in rows:
+            data = base64.b64encode(row_png(row)).decode("ascii")
+            alt = html.escape(f"{row.label}: {row.question}")
+            out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{alt}"></figure>')
+        return "\n".join(out)
+
+    metric_rows = [(name, f"{value:.4f}  (random allocation: {baseline.get(name, float('nan')):.4f})")
+                   for name, value in metrics.items()]
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>ARR-COC evaluation</title>",
+        "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;margin-bottom:1em}"
+        "th,td{border:1px solid #ccc;padding:2px 8px;text-align:left}figure{margin:0 0 8px 0}"
+        "img{max-width:100%}</style></head><body>",
+        "<h1>ARR-COC adapter: where the tokens went</h1>",
+        "<p>Each row: the image, the blended relevance map r the adapter computed for the question, the "
+        "ground-truth relevance of the queried object, and the visual tokens the allocator spent per cell.</p>",
+        "<h2>Metrics (eval set)</h2>", _table(metric_rows),
+        "<h2>Tensions</h2>", _table([(k, _fmt(v)) for k, v in tensions.items()]),
+        "<h2>Run</h2>", _table([(k, _fmt(v)) for k, v in facts.items()]),
+        f"<h2>Eval scenes ({len(scene_rows)})</h2>", figures(scene_rows),
+    ]
+    if folder_rows:
+        parts += [f"<h2>Image folder ({len(folder_rows)} queries)</h2>",
+                  "<p>These images have no queries and no ground truth: each is shown under every colour query; "
+                  "they do not enter the metrics.</p>", figures(folder_rows)]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def markdown_summary(metrics: Mapping[str, float], baseline: Mapping[str, float], tensions: Mapping[str, float],
+                     threshold: float) -> str:
+    score = metrics["relevance_score"]
+    verdict = "passes" if score >= threshold else "does not pass"
+    lines = [
+        "# ARR-COC evaluation",
+        "",
+        f"relevance_score **{score:.4f}** {verdict} the gate (threshold {threshold:g}).",
+        "",
+        "| metric | adapter | random allocation |",
+        "|---|---|---|",
+        *[f"| {name} | {value:.4f} | {baseline.get(name, float('nan')):.4f} |" for name, value in metrics.items()],
+        "",
+        "| tension | value |",
+        "|---|---|",
+        *[f"| {name} | {value:g} |" for name, value in tensions.items()],
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,232 @@
+"""The work behind each pipeline step, called directly (no KFP): data prep, report, staging rules, model store."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import cv2
+import numpy as np
+import pytest
+
+from pipelines.components.datasets import PrepareError, prepare, read_folder
+from pipelines.components.model_store import register_model
+from pipelines.components.training import TrainStepError, job_name_for, run_training, trainer_args
+from pipelines.report import Row, html_report, markdown_summary
+from pipelines.team_config import ENV_NAMES, TeamConfig
+from trainer.data import EVAL_OFFSET, generate, load_dataset
+from trainer.texture import texture_cv2
+
+
+def _png(path, colour, size=(40, 30)):
+    image = np.zeros((*size, 3), np.uint8)
+    image[:] = colour
+    assert cv2.imwrite(str(path), image)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = tmp_path / "images"
+    d.mkdir()
+    _png(d / "a.png", (0, 0, 255))
+    _png(d / "b.JPG", (0, 255, 0))
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a picture")
+    (d / "notes.txt").write_text("not an image, not looked at")
+    return d
+
+
+def test_folder_reports_the_corrupt_file_by_name_and_keeps_the_rest(folder, tmp_path, capsys):
+    _, meta = prepare(str(folder), seed=3, train_size=4, eval_size=2, train_dir=tmp_path / "t", eval_dir=tmp_path / "e")
+    assert "broken.png" in capsys.readouterr().err
+    assert meta["unreadable_files"] == ["broken.png"] and meta["folder_images"] == 2
+    with np.load(tmp_path / "e" / "scenes.npz") as data:
+        assert data["folder_images"].shape == (2, 64, 64, 3)
+        assert data["folder_textures"].shape == (2, 8, 8, 13)
+        assert list(data["folder_names"]) == ["a.png", "b.JPG"]
+        # a.png is pure red in BGR; the dataset holds RGB.
+        assert tuple(data["folder_images"][0, 32, 32]) == (255, 0, 0)
+    assert json.loads((tmp_path / "e" / "metadata.json").read_text()) == meta
+
+
+def test_folder_without_readable_images_fails_and_writes_nothing(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "x.jpg").write_bytes(b"garbage")
+    with pytest.raises(PrepareError, match=r"x\.jpg"):
+        prepare(str(d), 0, 4, 2, tmp_path / "t", tmp_path / "e")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "neither 'synthetic' nor an existing image folder"),
+    (lambda p: p.mkdir(), r"no image files \(allowed: \.jpg, \.jpeg, \.png\)"),
+])
+def test_bad_sources_are_one_line_errors(tmp_path, make, message):
+    make(tmp_path / "src")
+    with pytest.raises(PrepareError, match=message):
+        read_folder(tmp_path / "src")
+
+
+def test_synthetic_datasets_are_the_trainers_own_streams(tmp_path):
+    train_meta, eval_meta = prepare("synthetic", 5, 6, 3, tmp_path / "t", tmp_path / "e")
+    assert (train_meta["count"], eval_meta["count"]) == (6, 3)
+    assert train_meta["seed"] == eval_meta["seed"] == 5 and train_meta["source"] == "synthetic"
+    train, evaluation = load_dataset(tmp_path / "t"), load_dataset(tmp_path / "e")  # what --train-data reads
+    np.testing.assert_array_equal(train["images"], generate(5, 0, 6)["images"])
+    np.testing.assert_array_equal(evaluation["relevance"], generate(5, 0, 3, EVAL_OFFSET)["relevance"])
+    with np.load(tmp_path / "t" / "scenes.npz") as data:
+        assert data["textures"].shape == (6, 8, 8, 13)
+        np.testing.assert_array_equal(data["textures"][4], texture_cv2(train["images"][4]))
+
+
+def test_sizes_must_be_positive(tmp_path):
+    with pytest.raises(PrepareError, match="train_size=0"):
+        prepare("synthetic", 0, 0, 3, tmp_path / "t", tmp_path / "e")
+
+
+def _row(truth: bool, label: str) -> Row:
+    rng = np.random.default_rng(0)
+    tokens = np.zeros((8, 8))
+    tokens[2:4, 3:5] = [[9, 6], [4, 2]]
+    return Row(image=rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), qtype="SHAPE?", colour="red",
+               relevance=rng.random((8, 8)), tokens=tokens, truth=rng.random((8, 8)) if truth else None,
+               answer="disk" if truth else None, predicted="disk", label=label)
+
+
+def test_report_embeds_one_png_per_row_and_says_what_has_no_ground_truth():
+    metrics = {"relevance_score": 0.61, "recall_at_k": 0.9, "answer_accuracy": 0.3, "eval_loss": 2.4}
+    page = html_report(metrics, {k: 0.1 for k in metrics}, {"focus_vs_diversify": 0.5}, {"seed": 0},
+                       [_row(True, "eval scene 0"), _row(True, "eval scene 1")], [_row(False, "cat.jpg")])
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 3
+    assert all(base64.b64decode(b).startswith(b"\x89PNG\r\n\x1a\n") for b in images)
+    assert "cat.jpg: Which shape is the red object?" in page
+    assert "Image folder (1 queries)" in page and "0.6100" in page
+
+
+def test_markdown_summary_states_the_gate_both_ways():
+    metrics = {"relevance_score": 0.5, "recall_at_k": 0.9, "answer_accuracy": 0.3, "eval_loss": 2.4}
+    assert "passes the gate (threshold 0.4)" in markdown_summary(metrics, {}, {}, 0.4)
+    assert "does not pass the gate (threshold 0.6)" in markdown_summary(metrics, {}, {}, 0.6)
+
+
+def _adapter(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = {"compress_vs_particularize": 0.1, "exploit_vs_explore": 0.7, "focus_vs_diversify": 0.5, "steps": 3,
+              "batch_size": 2, "lr": 0.01, "seed": 0, "base_model": "tiny", "strategy": "ddp"}
+    (adapter / "arrcoc_config.json").write_text(json.dumps(config))
+    (adapter / "arrcoc_modules.pt").write_bytes(b"weights")
+    return adapter
+
+
+def test_register_writes_adapter_and_card_whole(tmp_path):
+    store = tmp_path / "store"
+    path = register_model(_adapter(tmp_path), store, "run-1", {"relevance_score": 0.7}, 0.4,
+                          {"train_data_artifact": "minio://x/train_data"})
+    assert path == store / "run-1" and (path / "adapter" / "arrcoc_modules.pt").read_bytes() == b"weights"
+    card = json.loads((path / "model_card.json").read_text())
+    assert card["metrics"] == {"relevance_score": 0.7} and card["tensions"]["focus_vs_diversify"] == 0.5
+    assert card["lineage"] == {"run_id": "run-1", "train_data_artifact": "minio://x/train_data"}
+    assert "run-1" in (path / "MODEL_CARD.md").read_text()
+    retry = tmp_path / "retry"
+    retry.mkdir()
+    register_model(_adapter(retry), store, "run-1", {"relevance_score": 0.8}, 0.4, {})  # a retried step's entry wins
+    assert json.loads((path / "model_card.json").read_text())["metrics"]["relevance_score"] == 0.8
+    assert sorted(p.name for p in store.iterdir()) == ["run-1"]
+
+
+def test_register_refuses_a_directory_that_is_not_an_adapter(tmp_path):
+    with pytest.raises(ValueError, match="arrcoc_config.json"):
+        register_model(tmp_path, tmp_path / "store", "run-1", {}, 0.4, {})
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("run_id", ["3f2a9c1e-77aa-4b5e-9d2f-1234567890ab", "63146553", "Run_ID.x"])
+def test_job_names_are_dns_1035(run_id):
+    assert re.fullmatch(r"[a-z][-a-z0-9]{0,19}", job_name_for(run_id))
+
+
+def test_trainer_args_use_trainer_flag_names():
+    assert trainer_args({"batch_size": 8, "focus_vs_diversify": 0.5}, "/c/r/data/train", "/c/r/data/eval") == [
+        "--batch-size", "8", "--focus-vs-diversify", "0.5", "--train-data", "/c/r/data/train",
+        "--eval-data", "/c/r/data/eval"]
+
+
+def _cluster_env(monkeypatch, **changes):
+    data = TeamConfig.local_default().to_configmap_data()
+    data.update({"checkpointPVC": "checkpoints", **changes})
+    for key, env in ENV_NAMES.items():
+        monkeypatch.setenv(env, data[key])
+
+
+@pytest.mark.parametrize("changes, pvc, message", [
+    ({}, "other", "checkpoint_pvc='other' differs from team-config checkpointPVC='checkpoints'"),
+    ({"checkpointPVC": "", "checkpointBucket": "team-bucket"}, "checkpoints", "checkpointPVC is empty"),
+])
+def test_cluster_staging_needs_the_teams_pvc(monkeypatch, tmp_path, changes, pvc, message):
+    _cluster_env(monkeypatch, **changes)
+    with pytest.raises(TrainStepError, match=re.escape(message)):
+        run_training(backend="cluster", run_id="r1", train_dir=str(tmp_path), eval_dir=str(tmp_path),
+                     adapter_dir=str(tmp_path / "a"), job_dir=str(tmp_path / "j"), params={}, checkpoint_pvc=pvc)
+    assert not (tmp_path / "j").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"backend": "docker"}, "backend='docker' is not one of cluster, local"),
+    ({"backend": "local", "timeout_minutes": 0}, "train_timeout_minutes=0 must be in 1..1440"),
+    ({"backend": "local", "delete_policy": "sometimes"}, "delete_job='sometimes' is not one of always, on-success"),
+])
+def test_train_step_inputs_are_checked(tmp_path, kwargs, message):
+    with pytest.raises(TrainStepError, match=re.escape(message)):
+        run_training(run_id="r1", train_dir=str(tmp_path), eval_dir=str(tmp_path), adapter_dir=str(tmp_path / "a"),
+                     job_dir=str(tmp_path / "j"), params={}, **kwargs)
+
+
+def test_cluster_branch_stages_data_launches_one_job_and_collects_the_adapter(monkeypatch, tmp_path):
+    """The cluster path with the launcher faked: what it is handed, and what the step makes of the result."""
+    import pipelines.launcher
+    import pipelines.pytorchjob
+
+    mount = tmp_path / "checkpoints"  # stands in for the PVC mounted at /checkpoints in the step's pod
+    monkeypatch.setattr(pipelines.pytorchjob, "CHECKPOINT_MOUNT", str(mount))
+    _cluster_env(monkeypatch)
+    prepare("synthetic", 0, 4, 2, tmp_path / "t", tmp_path / "e")
+    seen = {}
+
+    def fake_launch(job, *, timeout, delete, log_stream):
+        seen.update(job=pipelines.pytorchjob.to_manifest(job), timeout=timeout, delete=delete)
+        out = mount / "run-7"  # what the trainer writes under --out
+        (out / "adapter").mkdir()
+        (out / "adapter" / "arrcoc_config.json").write_text("{}")
+        (out / "metrics.json").write_text(json.dumps({"step": 3, "relevance_score": 0.5}))
+        return pipelines.launcher.LaunchResult(name=job.metadata.name, namespace="team", succeeded=True,
+                                               conditions=[], master_log="relevance_score=0.5\n")
+
+    monkeypatch.setattr(pipelines.launcher, "launch", fake_launch)
+    metrics = run_training(backend="cluster", run_id="run-7", train_dir=str(tmp_path / "t"),
+                           eval_dir=str(tmp_path / "e"), adapter_dir=str(tmp_path / "adapter"),
+                           job_dir=str(tmp_path / "job"), params={"steps": 3}, workers=2,
+                           checkpoint_pvc="checkpoints", timeout_minutes=5, delete_policy="always")
+    assert metrics["relevance_score"] == 0.5
+    assert seen["timeout"] == 300 and seen["delete"] == "always"
+    spec = seen["job"]["spec"]
+    assert spec["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
+    args = spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--train-data") + 1] == f"{mount}/run-7/data/train"
+    assert args[args.index("--out") + 1] == f"{mount}/run-7"
+    assert load_dataset(mount / "run-7" / "data" / "train")["images"].shape[0] == 4  # staged before launch
+    assert (tmp_path / "adapter" / "arrcoc_config.json").is_file()
+    assert (tmp_path / "job" / "master.log").read_text() == "relevance_score=0.5\n"
+
+
+def test_a_failed_local_job_fails_the_step_with_its_reason(tmp_path):
+    prepare("synthetic", 0, 4, 2, tmp_path / "t", tmp_path / "e")
+    # The trainer rejects steps=0 with exit code 2: permanent under restartPolicy ExitCode, so no retries.
+    reason = r"PyTorchJob arrcoc-r1 failed: PyTorchJobFailed: .*exit code 2.*replica logs"
+    with pytest.raises(RuntimeError, match=reason):
+        run_training(backend="local", run_id="r1", train_dir=str(tmp_path / "t"), eval_dir=str(tmp_path / "e"),
+                     adapter_dir=str(tmp_path / "task" / "adapter"), job_dir=str(tmp_path / "task" / "job"),
+                     params={"steps": 0}, workers=0)
+    assert "steps=0" in (tmp_path / "task" / "job" / "master.log").read_text()
+    assert not (tmp_path / "task" / "adapter").exists()
