@@ -8,9 +8,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
 
 from pipelines.pytorchjob import DEFAULT_IMAGE
+from pipelines.yaml_files import load_documents
 
 DELETE_CHOICES = ("always", "on-success", "never")
 
@@ -102,15 +102,7 @@ def _run(args: argparse.Namespace) -> int:
 def _read_manifest(path: Path) -> dict:
     from pipelines.pytorchjob import check_manifest
 
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise CliError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise CliError(f"{path}:{f' line {mark.line + 1}' if mark else ''} is not valid YAML") from None
+    docs = load_documents(path, CliError)
     if len(docs) != 1:
         raise CliError(f"{path}: expected one PyTorchJob document, found {len(docs)}")
     check_manifest(docs[0], source=str(path))

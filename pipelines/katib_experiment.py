@@ -25,7 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
+from pipelines.yaml_files import load_documents
+
 
 # Katib's default StdOut filter (pkg/metricscollector/v1beta1/common/const.go DefaultFilter).
 DEFAULT_METRICS_FORMAT = r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)"
@@ -142,16 +143,7 @@ class Experiment:
 def load_manifest(path: str | Path) -> dict:
     """The one Experiment in a YAML file (a single manifest or a rendered multi-document build)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ExperimentError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ExperimentError(f"{path}:{where} is not valid YAML") from None
+    docs = load_documents(path, ExperimentError)
     experiments = [d for d in docs if isinstance(d, dict) and d.get("kind") == "Experiment"]
     if len(experiments) != 1:
         kinds = ", ".join(sorted({str(d.get("kind")) for d in docs if isinstance(d, dict)})) or "none"

@@ -181,13 +181,6 @@ def make_sampler(experiment: Experiment) -> tuple[Any, list[str]]:
             f"{experiment.source}: spec.algorithm.algorithmName={experiment.algorithm!r}: the local rehearsal runs "
             f"{' or '.join(LOCAL_ALGORITHMS)} (pass --algorithm)"
         )
-    try:
-        import scipy  # noqa: F401  (Optuna's GPSampler fits its kernel with scipy's L-BFGS-B)
-    except ImportError:
-        raise SweepError(
-            "algorithm bayesianoptimization needs scipy for Optuna's GPSampler (pip install scipy==1.17.1); "
-            "or pass --algorithm random"
-        ) from None
     if settings.get("base_estimator", "GP") != "GP":
         notes.append(f"base_estimator={settings['base_estimator']} ignored: Optuna's GPSampler is a Gaussian process")
     if "acq_func" in settings:

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from kubernetes.utils.quantity import parse_quantity
+
+from pipelines.yaml_files import load_documents
 
 CONFIGMAP_NAME = "team-config"
 CAPACITIES = ("spot", "on-demand")
@@ -126,16 +127,7 @@ class TeamConfig:
     def from_file(cls, path: str | Path) -> "TeamConfig":
         """From a YAML file holding the ConfigMap: a single object or a multi-document stream
         (e.g. `kubectl kustomize kustomize/overlays/<team>` output)."""
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise TeamConfigError(f"team config file {path}: cannot read ({exc.strerror})") from None
-        try:
-            docs = [d for d in yaml.safe_load_all(text) if d is not None]
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise TeamConfigError(f"team config file {path}:{where} is not valid YAML") from None
+        docs = load_documents(path, TeamConfigError, label=f"team config file {path}")
         maps = [d for d in docs if isinstance(d, dict) and d.get("kind") == "ConfigMap"]
         named = [d for d in maps if _GENERATED_NAME.fullmatch(str((d.get("metadata") or {}).get("name", "")))]
         if len(named) == 1:

@@ -115,7 +115,6 @@ def test_failed_trials_count_against_max_failed(tmp_path: Path, capsys, script: 
 
 
 def test_bayesian_sweep_uses_the_gp_and_reports_ignored_settings(tmp_path: Path, capsys) -> None:
-    pytest.importorskip("scipy", reason="Optuna's GPSampler needs scipy")
     doc = trial_doc(SCORE, parallelTrialCount=1)
     doc["spec"]["objective"]["goal"] = 2.0
     # Two random starts, then the GP proposes trials 3 and 4.
@@ -138,7 +137,6 @@ def test_same_random_state_gives_the_same_trials(tmp_path: Path) -> None:
 
 
 def test_sampler_mapping_follows_katib_settings() -> None:
-    pytest.importorskip("scipy", reason="Optuna's GPSampler needs scipy")
     doc = trial_doc(SCORE)
     doc["spec"]["algorithm"]["algorithmSettings"] = [{"name": "base_estimator", "value": "RF"},
                                                      {"name": "n_initial_points", "value": "3"}]
@@ -246,9 +244,3 @@ def test_cluster_needs_a_namespace(tmp_path: Path, capsys) -> None:
     assert main(["sweep", str(BASE), "--kubeconfig", str(tmp_path / "none")]) == 2
     assert "metadata.namespace is unset; pass --namespace" in capsys.readouterr().err
 
-
-def test_bayesian_without_scipy_is_a_one_line_error(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setitem(sys.modules, "scipy", None)  # what an environment without scipy looks like to import
-    code = main(["sweep", str(BASE), "--local", "--workdir", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert code == 2 and "needs scipy" in err and "--algorithm random" in err and err.count("\n") == 1

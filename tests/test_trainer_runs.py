@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -80,7 +79,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
 
     resumed = run_trainer(*common, "--out", str(interrupted))
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from" in resumed.stderr and f"at step {stopped}" in resumed.stderr
+    assert "resumed from" in resumed.stderr and f"at step {stopped}" in resumed.stderr
     assert read_metrics(interrupted) == read_metrics(straight)
 
 

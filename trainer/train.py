@@ -129,15 +129,7 @@ def save_adapter(model: ArrCoc, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     model.save_adapter(tmp)
-    if final.exists():
-        old = out / ".adapter-old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-    return final
+    return checkpoint.replace_dir(tmp, final)
 
 
 def run(cfg: TrainConfig) -> int:

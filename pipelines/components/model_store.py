@@ -8,11 +8,11 @@ inside dsl.If(relevance_score >= threshold), so below the threshold nothing is w
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from trainer.checkpoint import replace_dir
 from trainer.config import TENSIONS
 
 
@@ -51,12 +51,4 @@ def register_model(adapter_dir: str | Path, model_store: str | Path, run_id: str
     card = model_card(adapter_dir, metrics, threshold, {"run_id": run_id, **lineage})
     (tmp / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     (tmp / "MODEL_CARD.md").write_text(card_markdown(card))
-    if final.exists():
-        old = store / f".{run_id}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    return final
+    return replace_dir(tmp, final)
