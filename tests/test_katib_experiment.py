@@ -68,7 +68,7 @@ def test_trial_template_wires_each_tension_and_a_stable_checkpoint_dir() -> None
     for replica, template in _pod_specs(exp.trial_spec).items():
         (container,) = [c for c in template["spec"]["containers"] if c["name"] == "pytorch"]
         command = container["command"]
-        assert command[:3] == ["python", "-m", "trainer"], replica
+        assert command[:3] == ["torchrun", "-m", "trainer"], replica
         for tension in TENSIONS:
             value = _flag(command, "--" + tension.replace("_", "-"))
             name = value.removeprefix("${trialParameters.").removesuffix("}")
@@ -106,17 +106,26 @@ def test_trial_pods_meet_the_platform_rules() -> None:
 def test_team_overlay_renders_a_valid_experiment_in_its_namespace(team: str) -> None:
     if not (ROOT / "kustomize" / "components").is_dir():
         pytest.skip("kustomize/components (another change) is not in this tree")
-    rendered = subprocess.run(["kubectl", "kustomize", str(ROOT / "katib" / "overlays" / team)],
-                              capture_output=True, text=True, check=True).stdout
-    (doc,) = [d for d in yaml.safe_load_all(rendered) if d and d.get("kind") == "Experiment"]
-    exp = parse_experiment(doc, source=team)
+    def render(path: Path) -> list[dict]:
+        out = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, check=True).stdout
+        return [d for d in yaml.safe_load_all(out) if d]
+
+    docs = render(ROOT / "katib" / "overlays" / team)
+    assert [d["kind"] for d in docs] == ["Experiment"]  # the team's config is read, not re-applied
+    (config,) = [d for d in render(ROOT / "kustomize" / "overlays" / team) if d["kind"] == "ConfigMap"]
+    values = config["data"]
+    exp = parse_experiment(docs[0], source=team)
     assert exp.namespace == team
+    assert exp.trial_spec["spec"]["nprocPerNode"] == values["gpusPerReplica"]
     for replica, template in _pod_specs(exp.trial_spec).items():
         pod = template["spec"]
-        assert pod["nodeSelector"]["cloud.google.com/gke-accelerator"] == TEAMS[team], replica
+        assert pod["nodeSelector"]["cloud.google.com/gke-accelerator"] == TEAMS[team] == values["gpuType"], replica
         assert pod["tolerations"], replica  # from the team's capacity component
+        assert pod["priorityClassName"] == values["priorityClassName"]
         (container,) = pod["containers"]
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        for kind in ("requests", "limits"):
+            assert container["resources"][kind] == {"cpu": values["cpuPerReplica"], "memory": values["memoryPerReplica"],
+                                                    "nvidia.com/gpu": values["gpusPerReplica"]}, replica
 
 
 # ------------------------------------------------------------------ validation as Katib does it
