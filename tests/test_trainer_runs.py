@@ -145,3 +145,17 @@ def test_progress_bar_only_on_a_terminal(tmp_path):
     proc.wait(timeout=120)
     assert proc.returncode == 0
     assert b"3/3" in b"".join(chunks)
+
+
+def test_several_processes_per_pod_go_through_torchrun(tmp_path):
+    """nprocPerNode > 1: the pod runs torchrun, which reads the operator's PET_* variables (one node here)."""
+    out = tmp_path / "torchrun"
+    port = str(free_port())
+    env = clean_env(PET_NNODES="1", PET_NODE_RANK="0", PET_NPROC_PER_NODE="2", PET_MASTER_ADDR="127.0.0.1",
+                    PET_MASTER_PORT=port)
+    result = subprocess.run([*trainer_cmd()[:1], "-m", "torch.distributed.run", "-m", "trainer", "--steps", "10",
+                             *FAST, "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(metric_lines(result.stdout)) == 4  # rank 0 only, one evaluation
+    assert "[rank 1] step 10/10" in result.stderr
+    assert read_metrics(out)["step"] == 10
