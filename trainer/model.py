@@ -28,6 +28,10 @@ from .texture import CHANNELS, CellFeatures, cell_features
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 TINY_LM_SEED = 1234  # the tiny base LM is a function of its config and this seed, so adapters reload onto it
+# The tiny LM is random and frozen. At transformers' default init (std 0.02) its frozen lm_head keeps every
+# logit near zero, so no LoRA update can make it name an answer (answer_accuracy stays at chance). A wider init
+# gives the frozen head enough range for the adapter to steer; a pretrained base does not need this.
+TINY_LM_INIT_STD = 0.15
 
 
 def build_base_lm(cfg: TrainConfig) -> tuple[nn.Module, list[int]]:
@@ -40,6 +44,7 @@ def build_base_lm(cfg: TrainConfig) -> tuple[nn.Module, list[int]]:
             num_hidden_layers=cfg.tiny_layers, num_attention_heads=cfg.tiny_heads,
             num_key_value_heads=cfg.tiny_heads, max_position_embeddings=128,
             bos_token_id=TOKEN["<bos>"], eos_token_id=TOKEN["<eos>"], pad_token_id=TOKEN["<pad>"],
+            initializer_range=TINY_LM_INIT_STD,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_LM_SEED)
