@@ -79,6 +79,8 @@ def test_trial_template_wires_each_tension_and_a_stable_checkpoint_dir() -> None
         assert _flag(command, "--resume") == "auto"
         # Katib's collector joins tokens with spaces inside sh -c: a space would split a token.
         assert all(" " not in token for token in command)
+        if replica == "Master":  # the collector's sh -c wraps only the primary pod: it needs the SIGTERM relay
+            assert container["lifecycle"]["preStop"]["exec"]["command"] == ["python", "-m", "trainer.prestop"]
 
 
 def test_trial_pods_meet_the_platform_rules() -> None:
