@@ -81,5 +81,6 @@ def main() -> None:
           f"{ratios[0]:.3f}-{ratios[-1]:.3f}; {args.steps} steps, batch {args.batch_size}, 1 thread, "
           f"{args.repeats} pairs)")
 
+
 if __name__ == "__main__":
     main()

@@ -8,8 +8,7 @@ import subprocess
 import sys
 import time
 
-from trainer_helpers import FAST, REPO, clean_env, trainer_cmd
-
+from tests.trainer_helpers import FAST, REPO, clean_env, trainer_cmd
 from trainer.checkpoint import latest
 from trainer.prestop import is_trainer_command
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -153,7 +154,7 @@ def test_several_processes_per_pod_go_through_torchrun(tmp_path):
     port = str(free_port())
     env = clean_env(PET_NNODES="1", PET_NODE_RANK="0", PET_NPROC_PER_NODE="2", PET_MASTER_ADDR="127.0.0.1",
                     PET_MASTER_PORT=port)
-    result = subprocess.run([*trainer_cmd()[:1], "-m", "torch.distributed.run", "-m", "trainer", "--steps", "10",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "-m", "trainer", "--steps", "10",
                              *FAST, "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(metric_lines(result.stdout)) == 4  # rank 0 only, one evaluation
