@@ -1,4 +1,4 @@
-"""The learning bar of issue 2: 300 CPU steps with c=0.1, e=0.7, f=0.5 against the two baselines
+"""The learning bar: 300 CPU steps with c=0.1, e=0.7, f=0.5 against the two baselines
 (untrained model, random allocation) on the same eval set and seed.
 
     .venv/bin/python bench/learning.py [--steps 300] [--seeds 0 1 2]

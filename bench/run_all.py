@@ -11,7 +11,7 @@ SCRIPTS = [
     "throughput.py",  # trainer overhead vs a bare torch loop
     "learning.py",  # 300-step learning bar vs untrained and random allocation
     "tension_sweep.py",  # do the tensions matter
-    "texture_bench.py",  # data-prep images/s and peak memory vs the seed's reference
+    "texture_bench.py",  # data-prep images/s and peak memory vs the reference per-image loop
     "pipeline_bench.py",  # compile time and local demo wall time
     "preemption_drill.py",  # SIGTERM/SIGKILL of a replica: steps lost, recovery time, final metrics
     "katib_bo_vs_random.py",  # trials to 95% of the grid's best, Bayesian vs random

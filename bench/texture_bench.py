@@ -1,10 +1,10 @@
-"""Texture arrays for image folders: our data-prep path against the seed's approach (bench/texture_reference.py).
+"""Texture arrays for image folders: our data-prep path against the reference loop (bench/texture_reference.py).
 
 Same PNG files (synthetic scenes written once to a temporary folder), same machine; each side runs in its own
 subprocess so that imports and peak memory do not mix:
 - ours: pipelines.components.datasets.read_folder (decode, crop, resize, BGR->RGB) + textures_of
   (trainer.texture.texture_cv2: 13 channels pooled to 8x8, float32);
-- reference: cv2.imread + the seed's compute_texture_array (full resolution, float64), np.array at the end.
+- reference: cv2.imread + the reference loop's compute_texture_array (full resolution, float64), np.array at the end.
 Reports images/s and their ratio, and peak memory two ways: tracemalloc's peak (numpy buffers and Python
 objects allocated by the run itself) and the subprocess's max RSS (includes its imports: torch for ours).
 

@@ -1,12 +1,12 @@
-"""The baseline for bench/texture_bench.py: the texture-array preparation of
-../shared/seeds/001_8c7425fe05a4f5b7.txt section 7.2, reproduced as written there (a Python loop over image
-files; per pixel: rgb/255, cv2 LAB/255, cv2.Sobel CV_64F ksize 3 /255, meshgrid coordinates, eccentricity,
-two zero channels, np.stack to a float64 HxWx13 array; all arrays kept in a list, then np.array).
+"""The baseline for bench/texture_bench.py: the reference per-image loop from docs/model.md, reproduced as
+described there (a Python loop over image files; per pixel: rgb/255, cv2 LAB/255, cv2.Sobel CV_64F ksize 3 /255,
+meshgrid coordinates, eccentricity, two zero channels, np.stack to a float64 HxWx13 array; all arrays kept in a
+list, then np.array).
 
 Kept faithful on purpose, including what we do differently in trainer/texture.py (BGR channels read as
 "RGB", LAB of uint8 input, signed unpooled Sobel, full-resolution float64 output): it is the thing measured
-against, not a thing to use. Only the file pattern is a parameter (the bench writes PNGs; the seed globbed
-'*.jpg').
+against, not a thing to use. Only the file pattern is a parameter (the bench writes PNGs; the original loop
+globbed '*.jpg').
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ Fails with reason BackoffLimitExceeded. Exits seen in the same poll are judged t
 wins: a survivor's "connection reset" exit 1 only ever follows the death that caused it.
 runPolicy.activeDeadlineSeconds (and the caller's timeout) stop everything with a Failed condition.
 
-For the preemption drill (issue 7), `chaos` kills a chosen replica with a chosen signal when its log shows a
+For the preemption drill, `chaos` kills a chosen replica with a chosen signal when its log shows a
 pattern or after some seconds, and the result records when and how long the job took to recover.
 """
 from __future__ import annotations

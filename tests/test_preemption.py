@@ -1,4 +1,4 @@
-"""Issue 7 end to end with the real trainer: a 2-replica job whose replica is killed mid-run recovers
+"""The preemption drill end to end with the real trainer: a 2-replica job whose replica is killed mid-run recovers
 through the local runner's ExitCode restarts and ends with the same metrics as an uninterrupted run.
 (The runner's own restart rules are tested with tiny commands in test_local_runner.py.)"""
 from __future__ import annotations
