@@ -31,7 +31,8 @@ Fails with reason BackoffLimitExceeded. Exits seen in the same poll are judged t
 wins: a survivor's "connection reset" exit 1 only ever follows the death that caused it.
 runPolicy.activeDeadlineSeconds (and the caller's timeout) stop everything with a Failed condition.
 
-For the preemption drill (issue 7), `chaos` kills a chosen replica with a chosen signal when its log shows a
+LocalBackend is this runner behind the job backend interface (pipelines/jobs/backends.py): what the train step,
+`arrcoc pytorchjob run --local` and the local sweep use. For the preemption drill, `chaos` kills a chosen replica with a chosen signal when its log shows a
 pattern or after some seconds, and the result records when and how long the job took to recover.
 """
 from __future__ import annotations
@@ -50,7 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipelines.pytorchjob import ManifestError, check_manifest, pytorch_container
+from pipelines.jobs.backends import JobBackend, JobFailed, JobResult
+from pipelines.pytorchjob import ManifestError, check_manifest, pytorch_container, to_manifest
 
 DEFAULT_GRACE_SECONDS = 30
 # torchrun / torchelastic variables of an outer launcher must not leak into a replica's world.
@@ -112,6 +114,32 @@ def run_local(manifest: dict, workdir: Path, timeout: float | None = None, log_s
     with a Failed condition carrying reason and message.
     """
     return _LocalJob(manifest, Path(workdir), timeout, log_stream, list(chaos), cwd, poll_interval).run()
+
+
+class LocalBackend(JobBackend):
+    """Jobs run here, by run_local; volumes are folders under <workdir>/volumes."""
+
+    where = "local"
+
+    def __init__(self, chaos: Sequence[Chaos] = (), cwd: Path | None = None):
+        self.chaos = tuple(chaos)
+        self.cwd = cwd
+
+    def run(self, job: Mapping[str, Any] | Any, workdir: Path, *, timeout: float | None = None,
+            log_stream: TextIO | None = None) -> JobResult:
+        manifest = job if isinstance(job, Mapping) else to_manifest(job)
+        local = run_local(manifest, Path(workdir), timeout=timeout, log_stream=log_stream, chaos=self.chaos,
+                          cwd=self.cwd)
+        namespace = (manifest.get("metadata") or {}).get("namespace") or "default"
+        result = JobResult(name=local.name, namespace=namespace, succeeded=local.succeeded,
+                           conditions=local.conditions, master_log=local.master_log, seconds=local.seconds,
+                           logs_dir=Path(workdir) / "logs")
+        if not result.succeeded:
+            raise JobFailed(result, hint=f"replica logs: {result.logs_dir}")
+        return result
+
+    def volume_dir(self, job: Mapping[str, Any], volume: str, workdir: Path) -> Path:
+        return Path(workdir) / "volumes" / volume
 
 
 def exit_code(returncode: int) -> int:
