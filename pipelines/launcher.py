@@ -171,7 +171,7 @@ class ClusterBackend(JobBackend):
         claim = (source.get("persistentVolumeClaim") or {}).get("claimName")
         mounts = dict(self.options.step_mounts)
         if claim is None or mount is None or mounts.get(claim) != mount:
-            kind = f"PVC {claim!r}" if claim else f"a {next((k for k in source if k != 'name'), 'missing')} volume"
+            kind = f"PVC {claim!r}" if claim else f"of type {next((k for k in source if k != 'name'), 'none')}"
             raise BackendError(f"volume {volume!r} of the PyTorchJob is {kind} at {mount}, but this step mounts "
                                f"{', '.join(f'PVC {c!r} at {p}' for c, p in mounts.items()) or 'no PVC'}: the "
                                f"replicas would not see what it stages (team-config checkpointPVC names the PVC)")

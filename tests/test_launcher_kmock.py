@@ -353,7 +353,7 @@ def test_bad_options_are_rejected_before_anything_is_created() -> None:
 def test_the_step_must_mount_the_pvc_the_replicas_use(tmp_path: Path) -> None:
     team = TeamConfig.local_default()
     manifest = to_manifest(build_pytorchjob(NAME, team=team, namespace=NS))
-    with pytest.raises(BackendError, match="volume 'checkpoints' of the PyTorchJob is a emptyDir volume"):
+    with pytest.raises(BackendError, match="volume 'checkpoints' of the PyTorchJob is of type emptyDir at /checkpoints, but this step mounts PVC"):
         ClusterBackend(ClusterOptions(step_mounts={"checkpoints": "/checkpoints"})).volume_dir(
             manifest, "checkpoints", tmp_path)
 
