@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: the laptop's (no GPU, emptyDir checkpoints)")
     render.add_argument("--name", default="arrcoc-train", help="job name (DNS-1035)")
     render.add_argument("--namespace", help="default: the team's name")
-    render.add_argument("--image", default=DEFAULT_IMAGE, help=f"trainer image with a tag or digest (default {DEFAULT_IMAGE})")
+    render.add_argument("--image", default=DEFAULT_IMAGE,
+                        help=f"trainer image with a tag or digest (default {DEFAULT_IMAGE})")
     render.add_argument("--workers", type=int, default=1, help="Worker replicas besides the one Master (default 1)")
     render.add_argument("--nproc-per-node", help="auto|cpu|gpu|N (default: the team's GPUs per replica, at least 1)")
     render.add_argument("--run-id", help="checkpoint directory name under the mount (default: the job name)")

@@ -373,7 +373,8 @@ class _MasterLogFollower:
     (by uid) until stopped."""
 
     def __init__(self, client: Any, name: str, namespace: str, path: Path, out: TextIO | None, poll: float = 0.5):
-        self.client, self.name, self.namespace, self.path, self.out, self.poll = client, name, namespace, path, out, poll
+        self.client, self.name, self.namespace, self.path, self.out = client, name, namespace, path, out
+        self.poll = poll
         self._stop = threading.Event()
         self._seen: set[str] = set()
         self._thread = threading.Thread(target=self._run, name=f"logs-{name}", daemon=True)

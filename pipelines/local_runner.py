@@ -32,7 +32,9 @@ wins: a survivor's "connection reset" exit 1 only ever follows the death that ca
 runPolicy.activeDeadlineSeconds (and the caller's timeout) stop everything with a Failed condition.
 
 LocalBackend is this runner behind the job backend interface (pipelines/jobs/backends.py): what the train step,
-`arrcoc pytorchjob run --local` and the local sweep use. For the preemption drill, `chaos` kills a chosen replica with a chosen signal when its log shows a
+`arrcoc pytorchjob run --local` and the local sweep use.
+
+For the preemption drill, `chaos` kills a chosen replica with a chosen signal when its log shows a
 pattern or after some seconds, and the result records when and how long the job took to recover.
 """
 from __future__ import annotations

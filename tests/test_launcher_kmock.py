@@ -23,8 +23,7 @@ from kmock import KubernetesError
 from kubernetes import client as k8s
 
 from pipelines.jobs.backends import BackendError, ClusterOptions, JobFailed
-from pipelines.launcher import (SPEC_ANNOTATION, Backoff, ClusterBackend, is_transient, pod_namespace,
-                                training_client)
+from pipelines.launcher import SPEC_ANNOTATION, Backoff, ClusterBackend, is_transient, pod_namespace, training_client
 from pipelines.pytorchjob import build_pytorchjob, to_manifest
 from pipelines.team_config import TeamConfig
 
@@ -353,7 +352,8 @@ def test_bad_options_are_rejected_before_anything_is_created() -> None:
 def test_the_step_must_mount_the_pvc_the_replicas_use(tmp_path: Path) -> None:
     team = TeamConfig.local_default()
     manifest = to_manifest(build_pytorchjob(NAME, team=team, namespace=NS))
-    with pytest.raises(BackendError, match="volume 'checkpoints' of the PyTorchJob is of type emptyDir at /checkpoints, but this step mounts PVC"):
+    expected = "volume 'checkpoints' of the PyTorchJob is of type emptyDir at /checkpoints, but this step mounts PVC"
+    with pytest.raises(BackendError, match=expected):
         ClusterBackend(ClusterOptions(step_mounts={"checkpoints": "/checkpoints"})).volume_dir(
             manifest, "checkpoints", tmp_path)
 

@@ -2,7 +2,7 @@
 local runner enforce too, reported at their place in the document."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from pipelines.jobs.rules import pytorchjob_problems
 from pipelines.validation.findings import Doc, Finding
