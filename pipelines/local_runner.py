@@ -191,10 +191,7 @@ class _LocalJob:
                  chaos: list[Chaos], cwd: Path | None, poll_interval: float):
         name = str((manifest.get("metadata") or {}).get("name", "")) if isinstance(manifest, Mapping) else ""
         check_manifest(manifest, source=f"PyTorchJob {name or '?'}")
-        spec = manifest["spec"]
-        if "Master" not in spec["pytorchReplicaSpecs"]:
-            raise ManifestError(f"PyTorchJob {name}: spec.pytorchReplicaSpecs.Master is required locally "
-                                f"(its address is the rendezvous)")
+        spec = manifest["spec"]  # check_manifest made sure of a Master: its address is the rendezvous
         if spec.get("elasticPolicy"):
             raise ManifestError(f"PyTorchJob {name}: spec.elasticPolicy is not rehearsed locally")
         if timeout is not None and timeout <= 0:
