@@ -31,6 +31,9 @@ Fails with reason BackoffLimitExceeded. Exits seen in the same poll are judged t
 wins: a survivor's "connection reset" exit 1 only ever follows the death that caused it.
 runPolicy.activeDeadlineSeconds (and the caller's timeout) stop everything with a Failed condition.
 
+LocalBackend is this runner behind the job backend interface (pipelines/jobs/backends.py): what the train step,
+`arrcoc pytorchjob run --local` and the local sweep use.
+
 For the preemption drill, `chaos` kills a chosen replica with a chosen signal when its log shows a
 pattern or after some seconds, and the result records when and how long the job took to recover.
 """
@@ -50,7 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipelines.pytorchjob import ManifestError, check_manifest, pytorch_container
+from pipelines.jobs.backends import JobBackend, JobFailed, JobResult
+from pipelines.pytorchjob import ManifestError, check_manifest, pytorch_container, to_manifest
 
 DEFAULT_GRACE_SECONDS = 30
 # torchrun / torchelastic variables of an outer launcher must not leak into a replica's world.
@@ -114,6 +118,32 @@ def run_local(manifest: dict, workdir: Path, timeout: float | None = None, log_s
     return _LocalJob(manifest, Path(workdir), timeout, log_stream, list(chaos), cwd, poll_interval).run()
 
 
+class LocalBackend(JobBackend):
+    """Jobs run here, by run_local; volumes are folders under <workdir>/volumes."""
+
+    where = "local"
+
+    def __init__(self, chaos: Sequence[Chaos] = (), cwd: Path | None = None):
+        self.chaos = tuple(chaos)
+        self.cwd = cwd
+
+    def run(self, job: Mapping[str, Any] | Any, workdir: Path, *, timeout: float | None = None,
+            log_stream: TextIO | None = None) -> JobResult:
+        manifest = job if isinstance(job, Mapping) else to_manifest(job)
+        local = run_local(manifest, Path(workdir), timeout=timeout, log_stream=log_stream, chaos=self.chaos,
+                          cwd=self.cwd)
+        namespace = (manifest.get("metadata") or {}).get("namespace") or "default"
+        result = JobResult(name=local.name, namespace=namespace, succeeded=local.succeeded,
+                           conditions=local.conditions, master_log=local.master_log, seconds=local.seconds,
+                           logs_dir=Path(workdir) / "logs")
+        if not result.succeeded:
+            raise JobFailed(result, hint=f"replica logs: {result.logs_dir}")
+        return result
+
+    def volume_dir(self, job: Mapping[str, Any], volume: str, workdir: Path) -> Path:
+        return Path(workdir) / "volumes" / volume
+
+
 def exit_code(returncode: int) -> int:
     """Popen's -N for "killed by signal N" as the 128 + N a container reports."""
     return 128 - returncode if returncode < 0 else returncode
@@ -161,10 +191,7 @@ class _LocalJob:
                  chaos: list[Chaos], cwd: Path | None, poll_interval: float):
         name = str((manifest.get("metadata") or {}).get("name", "")) if isinstance(manifest, Mapping) else ""
         check_manifest(manifest, source=f"PyTorchJob {name or '?'}")
-        spec = manifest["spec"]
-        if "Master" not in spec["pytorchReplicaSpecs"]:
-            raise ManifestError(f"PyTorchJob {name}: spec.pytorchReplicaSpecs.Master is required locally "
-                                f"(its address is the rendezvous)")
+        spec = manifest["spec"]  # check_manifest made sure of a Master: its address is the rendezvous
         if spec.get("elasticPolicy"):
             raise ManifestError(f"PyTorchJob {name}: spec.elasticPolicy is not rehearsed locally")
         if timeout is not None and timeout <= 0:

@@ -10,8 +10,8 @@ Why the spec looks the way it does (details in docs/pytorchjob.md):
 - a restricted-PSS security context, cpu/memory/GPU requests = limits (Guaranteed QoS; a namespace with a
   ResourceQuota rejects pods without requests).
 
-`check_manifest` enforces what the operator's webhook checks and the CRD schema does not (replica keys, enums,
-the `pytorch` container), for manifests read from files and handed to the local runner.
+What the operator admits and which images we run live in pipelines/jobs/rules.py: `build_pytorchjob` refuses
+inputs that break them, and `check_manifest` applies them to manifests read from files.
 """
 from __future__ import annotations
 
@@ -23,15 +23,15 @@ import yaml
 from kubeflow.training import models as kf
 from kubernetes import client as k8s
 
+from pipelines.jobs.rules import (CLEAN_POD_POLICIES, CONTAINER_NAME, dns1035_problem, image_problem,
+                                  nproc_problem, pytorchjob_problems)
 from pipelines.team_config import TeamConfig
+from trainer.errors import UserError
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
-CONTAINER_NAME = "pytorch"
 PORT_NAME = "pytorchjob-port"
 DEFAULT_PORT = 23456
-CLEAN_POD_POLICIES = ("All", "Running", "None")
-NPROC_WORDS = ("auto", "cpu", "gpu")
 
 DEFAULT_IMAGE = "ghcr.io/arrcoc/arrcoc-trainer:0.1.0"  # trainer/Dockerfile, tagged with the project version
 CHECKPOINT_VOLUME = "checkpoints"
@@ -46,16 +46,13 @@ KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KATIB_TRIAL_NAME = "${trialParameters.trialName}"
 RUN_AS_USER = 1000
 
-_DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _RUN_ID = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 _LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A bad PyTorchJob input or manifest: printed as one line, exit code 2."""
-
-    exit_code = 2
 
 
 def build_pytorchjob(
@@ -153,37 +150,17 @@ def pytorch_container(replica_spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_manifest(manifest: Any, source: str = "manifest") -> None:
-    """The operator webhook's rules (pipelines/validation/training.py, shared with `arrcoc validate`) plus the
-    shapes the local runner relies on; the first problem raises a one-line ManifestError naming the field."""
-    from pipelines.validation.findings import Doc
-    from pipelines.validation.training import check_pytorchjob
-
-    def fail(field: str, why: str) -> ManifestError:
-        return ManifestError(f"{source}: {field} {why}")
-
+    """The operator's admission rules (pipelines/jobs/rules.py) plus the shape everything here relies on; the
+    first problem raises a one-line ManifestError naming the field."""
     if not isinstance(manifest, Mapping):
         raise ManifestError(f"{source}: expected a PyTorchJob mapping, got {type(manifest).__name__}")
     if manifest.get("apiVersion") != API_VERSION or manifest.get("kind") != KIND:
-        raise fail("apiVersion/kind", f"must be {API_VERSION}/{KIND}, got {manifest.get('apiVersion')}/{manifest.get('kind')}")
+        raise ManifestError(f"{source}: apiVersion/kind must be {API_VERSION}/{KIND}, "
+                            f"got {manifest.get('apiVersion')}/{manifest.get('kind')}")
     if not (manifest.get("metadata") or {}).get("name"):
-        raise fail("metadata.name", "is missing")
-    spec = manifest.get("spec")
-    replicas = spec.get("pytorchReplicaSpecs") if isinstance(spec, Mapping) else None
-    if not isinstance(replicas, Mapping) or not replicas:
-        raise fail("spec.pytorchReplicaSpecs", "is missing or empty")
-    for rtype, rspec in replicas.items():
-        if not isinstance(rspec, Mapping):
-            raise fail(f"spec.pytorchReplicaSpecs.{rtype}", "must be a mapping")
-        count = rspec.get("replicas", 1)
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise fail(f"spec.pytorchReplicaSpecs.{rtype}.replicas", f"={count!r} must be an integer >= 0")
-    for finding in check_pytorchjob(Doc(source, dict(manifest)), dict(manifest), []):
-        raise ManifestError(f"{source}: {finding.path}: {finding.message}")
-    run_policy = spec.get("runPolicy") or {}
-    for key, low in (("backoffLimit", 0), ("activeDeadlineSeconds", 1), ("ttlSecondsAfterFinished", 0)):
-        value = run_policy.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-            raise fail(f"spec.runPolicy.{key}", f"={value!r} must be an integer >= {low}")
+        raise ManifestError(f"{source}: metadata.name is missing")
+    for path, message in pytorchjob_problems(manifest):
+        raise ManifestError(f"{source}: {'.'.join(str(p) for p in path)}: {message}")
 
 
 # ------------------------------------------------------------------------------------------------ internals
@@ -194,20 +171,21 @@ def _check_inputs(name: str, namespace: str, image: str, trainer_args: list[str]
                   checkpoint_mount: str) -> None:
     # The operator names pods and services <job>-worker-<i>; those must stay DNS-1035 labels of <= 63 chars.
     longest = f"{name}-worker-{max(workers - 1, 0)}" if workers else f"{name}-master-0"
-    if not _DNS_1035.fullmatch(name) or len(longest) > 63:
+    if dns1035_problem(name) or len(longest) > 63:
         raise ManifestError(f"job name {name!r} must be a DNS-1035 label (start with a letter; a-z, 0-9, '-') "
                             f"and short enough that {longest!r} has at most 63 characters")
     if not _DNS_1123.fullmatch(namespace) or len(namespace) > 63:
         raise ManifestError(f"namespace {namespace!r} must be a DNS-1123 label")
-    _check_image(image)
+    if problem := image_problem(image):
+        raise ManifestError(problem)
     if not all(isinstance(a, str) for a in trainer_args):
         raise ManifestError("trainer args must all be strings")
     if any(a == "--out" or a.startswith("--out=") for a in trainer_args):
         raise ManifestError("trainer args must not set --out: the builder points it at <checkpoint mount>/<run id>")
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ManifestError(f"workers={workers!r} must be an integer >= 0 (the Master is always 1)")
-    if nproc not in NPROC_WORDS and not (nproc.isdigit() and int(nproc) > 0):
-        raise ManifestError(f"nproc_per_node={nproc!r} is not auto, cpu, gpu or a positive integer")
+    if problem := nproc_problem(nproc):
+        raise ManifestError(f"nproc_per_node: {problem}")
     if nproc.isdigit() and 0 < team.gpus_per_replica < int(nproc):
         raise ManifestError(f"nproc_per_node={nproc} exceeds gpusPerReplica={team.gpus_per_replica}")
     if run_id != KATIB_TRIAL_NAME and (not _RUN_ID.fullmatch(run_id) or len(run_id) > 63):
@@ -220,20 +198,6 @@ def _check_inputs(name: str, namespace: str, image: str, trainer_args: list[str]
         raise ManifestError(f"ttl_seconds_after_finished={ttl} must be >= 0")
     if not checkpoint_mount.startswith("/") or checkpoint_mount.rstrip("/") in ("", "/dev/shm"):
         raise ManifestError(f"checkpoint mount {checkpoint_mount!r} must be an absolute path other than / and /dev/shm")
-
-
-def _check_image(image: str) -> None:
-    if "@" in image:
-        name, digest = image.split("@", 1)
-        if name and re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
-            return
-        raise ManifestError(f"image {image!r}: the digest must be sha256:<64 hex digits>")
-    last = image.rsplit("/", 1)[-1]
-    tag = last.split(":", 1)[1] if ":" in last else ""
-    if not tag:
-        raise ManifestError(f"image {image!r} needs a tag or a digest (a moving default tag makes runs unrepeatable)")
-    if tag == "latest":
-        raise ManifestError(f"image {image!r}: 'latest' is not allowed; pin a version tag or a digest")
 
 
 def _pod_template(image: str, args: list[str], nproc: str, team: TeamConfig, labels: dict[str, str],

@@ -51,7 +51,7 @@ LOCAL_ALGORITHMS = ("bayesianoptimization", "random")
 KATIB_GROUP, KATIB_VERSION, KATIB_PLURAL = "kubeflow.org", "v1beta1", "experiments"
 _CONDITION_RE = re.compile(r'^status\.conditions\.#\(type=="([^"]+)"\)#\|#\(status=="([^"]+)"\)#$')
 
-Runner = Callable[..., Any]  # pipelines.local_runner.run_local(manifest, workdir, timeout=, log_stream=)
+Runner = Callable[..., Any]  # a JobBackend's run(manifest, workdir, timeout=, log_stream=): pipelines/jobs/backends.py
 
 
 class SweepError(ValueError):
@@ -252,10 +252,15 @@ def _condition_matches(expression: str, conditions: list[dict], where: str) -> b
 
 def run_trial(experiment: Experiment, job: dict, record: TrialRecord, workdir: Path, runner: Runner,
               timeout: float | None) -> TrialRecord:
+    from pipelines.jobs.backends import JobFailed
+
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with open(workdir / "runner.log", "w") as log_stream:
-        result = runner(job, workdir, timeout=timeout, log_stream=log_stream)
+        try:
+            result = runner(job, workdir, timeout=timeout, log_stream=log_stream)
+        except JobFailed as failed:  # a failed trial is an outcome here: its conditions decide the trial's status
+            result = failed.result
     record.duration_s = round(time.monotonic() - started, 3)
     conditions = list(getattr(result, "conditions", None) or [])
     master_log = getattr(result, "master_log", None)
@@ -286,9 +291,9 @@ def run_trial(experiment: Experiment, job: dict, record: TrialRecord, workdir: P
 
 
 def _default_runner() -> Runner:
-    from pipelines.local_runner import run_local
+    from pipelines.jobs.backends import backend_for
 
-    return run_local
+    return backend_for("local").run
 
 
 @dataclass

@@ -280,3 +280,23 @@ def test_the_example_runs_as_a_two_replica_job_of_the_real_trainer(tmp_path: Pat
     out = tmp_path / "volumes" / "checkpoints" / "arrcoc-tiny"
     assert (out / "metrics.json").exists() and (out / "adapter").is_dir()
     assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "step-00000002"
+
+
+def test_local_backend_returns_the_one_result_type_or_raises_the_one_failure_type(tmp_path: Path) -> None:
+    """The job backend interface (pipelines/jobs/backends.py) over this runner: what the train step, the CLI and
+    the sweep see, the same types the cluster backend gives them."""
+    from pipelines.jobs.backends import JobFailed, JobResult, backend_for
+
+    local = backend_for("local")
+    good = manifest(PRINT_ENV, workers=1)
+    result = local.run(good, tmp_path / "good", log_stream=None)
+    assert isinstance(result, JobResult) and result.succeeded and result.failure == {}
+    assert "hello from rank 0" in result.master_log.read_text()
+    assert local.volume_dir(good, "checkpoints", tmp_path / "good") == tmp_path / "good" / "volumes" / "checkpoints"
+
+    with pytest.raises(JobFailed) as info:
+        local.run(manifest("import sys; sys.exit(3)", workers=0), tmp_path / "bad", log_stream=None)
+    failed = info.value
+    assert failed.exit_code == 1 and failed.reason == "PyTorchJobFailed" and "exit code 3" in failed.message
+    assert not failed.result.succeeded and failed.result.conditions[-1]["type"] == "Failed"
+    assert str(tmp_path / "bad" / "logs") in str(failed) and "\n" not in str(failed)

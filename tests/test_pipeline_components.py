@@ -11,10 +11,12 @@ import pytest
 
 from pipelines.components.datasets import PrepareError, prepare, read_folder
 from pipelines.components.model_store import register_model
-from pipelines.components.training import TrainStepError, job_name_for, run_training, trainer_args
+from pipelines.components.training import job_name_for, run_training, trainer_args
+from pipelines.jobs.backends import JobFailed
 from pipelines.report import Row, html_report, markdown_summary
 from pipelines.team_config import ENV_NAMES, TeamConfig
 from trainer.data import EVAL_OFFSET, generate, load_dataset
+from trainer.errors import UserError
 from trainer.texture import texture_cv2
 
 
@@ -161,32 +163,34 @@ def _cluster_env(monkeypatch, **changes):
 
 
 @pytest.mark.parametrize("changes, pvc, message", [
-    ({}, "other", "checkpoint_pvc='other' differs from team-config checkpointPVC='checkpoints'"),
-    ({"checkpointPVC": "", "checkpointBucket": "team-bucket"}, "checkpoints", "checkpointPVC is empty"),
+    ({}, "other", "volume 'checkpoints' of the PyTorchJob is PVC 'checkpoints' at /checkpoints, but this step "
+                  "mounts PVC 'other' at /checkpoints"),
+    ({"checkpointPVC": "", "checkpointBucket": "team-bucket"}, "checkpoints", "is of type csi at /checkpoints"),
 ])
 def test_cluster_staging_needs_the_teams_pvc(monkeypatch, tmp_path, changes, pvc, message):
     _cluster_env(monkeypatch, **changes)
-    with pytest.raises(TrainStepError, match=re.escape(message)):
+    with pytest.raises(UserError, match=re.escape(message)):
         run_training(backend="cluster", run_id="r1", train_dir=str(tmp_path), eval_dir=str(tmp_path),
                      adapter_dir=str(tmp_path / "a"), job_dir=str(tmp_path / "j"), params={}, checkpoint_pvc=pvc)
     assert not (tmp_path / "j").exists()
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"backend": "docker"}, "backend='docker' is not one of cluster, local"),
+    ({"backend": "docker"}, "backend='docker' is not one of cluster, local"),  # BackendError: a UserError too
     ({"backend": "local", "timeout_minutes": 0}, "train_timeout_minutes=0 must be in 1..1440"),
     ({"backend": "local", "delete_policy": "sometimes"}, "delete_job='sometimes' is not one of always, on-success"),
 ])
 def test_train_step_inputs_are_checked(tmp_path, kwargs, message):
-    with pytest.raises(TrainStepError, match=re.escape(message)):
+    with pytest.raises(UserError, match=re.escape(message)):
         run_training(run_id="r1", train_dir=str(tmp_path), eval_dir=str(tmp_path), adapter_dir=str(tmp_path / "a"),
                      job_dir=str(tmp_path / "j"), params={}, **kwargs)
 
 
 def test_cluster_branch_stages_data_launches_one_job_and_collects_the_adapter(monkeypatch, tmp_path):
-    """The cluster path with the launcher faked: what it is handed, and what the step makes of the result."""
+    """The cluster path with the API calls faked: what the backend is handed, and what the step makes of it."""
     import pipelines.launcher
     import pipelines.pytorchjob
+    from pipelines.jobs.backends import JobResult
 
     mount = tmp_path / "checkpoints"  # stands in for the PVC mounted at /checkpoints in the step's pod
     monkeypatch.setattr(pipelines.pytorchjob, "CHECKPOINT_MOUNT", str(mount))
@@ -194,16 +198,18 @@ def test_cluster_branch_stages_data_launches_one_job_and_collects_the_adapter(mo
     prepare("synthetic", 0, 4, 2, tmp_path / "t", tmp_path / "e")
     seen = {}
 
-    def fake_launch(job, *, timeout, delete, log_stream):
-        seen.update(job=pipelines.pytorchjob.to_manifest(job), timeout=timeout, delete=delete)
+    def fake_run(self, job, workdir, *, timeout, log_stream):
+        seen.update(job=job, timeout=timeout, delete=self.options.delete)
         out = mount / "run-7"  # what the trainer writes under --out
         (out / "adapter").mkdir()
         (out / "adapter" / "arrcoc_config.json").write_text("{}")
         (out / "metrics.json").write_text(json.dumps({"step": 3, "relevance_score": 0.5}))
-        return pipelines.launcher.LaunchResult(name=job.metadata.name, namespace="team", succeeded=True,
-                                               conditions=[], master_log="relevance_score=0.5\n")
+        (workdir / "logs").mkdir(parents=True)
+        (workdir / "logs" / "master-0.log").write_text("relevance_score=0.5\n")
+        return JobResult(name=job["metadata"]["name"], namespace="team", succeeded=True, conditions=[],
+                         master_log=workdir / "logs" / "master-0.log")
 
-    monkeypatch.setattr(pipelines.launcher, "launch", fake_launch)
+    monkeypatch.setattr(pipelines.launcher.ClusterBackend, "run", fake_run)
     metrics = run_training(backend="cluster", run_id="run-7", train_dir=str(tmp_path / "t"),
                            eval_dir=str(tmp_path / "e"), adapter_dir=str(tmp_path / "adapter"),
                            job_dir=str(tmp_path / "job"), params={"steps": 3}, workers=2,
@@ -223,8 +229,8 @@ def test_cluster_branch_stages_data_launches_one_job_and_collects_the_adapter(mo
 def test_a_failed_local_job_fails_the_step_with_its_reason(tmp_path):
     prepare("synthetic", 0, 4, 2, tmp_path / "t", tmp_path / "e")
     # The trainer rejects steps=0 with exit code 2: permanent under restartPolicy ExitCode, so no retries.
-    reason = r"PyTorchJob arrcoc-r1 failed: PyTorchJobFailed: .*exit code 2.*replica logs"
-    with pytest.raises(RuntimeError, match=reason):
+    reason = r"PyTorchJob \w+/arrcoc-r1 failed: PyTorchJobFailed: .*exit code 2.*replica logs"
+    with pytest.raises(JobFailed, match=reason):
         run_training(backend="local", run_id="r1", train_dir=str(tmp_path / "t"), eval_dir=str(tmp_path / "e"),
                      adapter_dir=str(tmp_path / "task" / "adapter"), job_dir=str(tmp_path / "task" / "job"),
                      params={"steps": 0}, workers=0)

@@ -191,6 +191,13 @@ def test_rendered_jobs_pass_arrcoc_validate(team: TeamConfig, schemas) -> None:
     (["spec", "runPolicy", "cleanPodPolicy"], "Some", "cleanPodPolicy"),
     (["spec", "runPolicy", "backoffLimit"], -1, "backoffLimit"),
     (["spec", "nprocPerNode"], "0", "nprocPerNode"),
+    # training-operator v1.9.2 validatePyTorchReplicaSpecs: an unset Master count is refused, a Worker's must be >= 1
+    (["spec", "pytorchReplicaSpecs", "Master", "replicas"], None, "Master replicas must be 1, got None"),
+    (["spec", "pytorchReplicaSpecs", "Worker", "replicas"], 0, "Worker replicas must be an integer >= 1"),
+    # ValidateReplicaSpecs: every container needs an image; validateSpec: elastic jobs need Workers
+    (["spec", "pytorchReplicaSpecs", "Master", "template", "spec", "containers", 0, "image"], "", "needs an image"),
+    (["spec", "pytorchReplicaSpecs", "Worker"], None, "Worker"),
+    (["spec", "runPolicy", "managedBy"], "someone/else", "managedBy"),
 ])
 def test_check_manifest_enforces_the_webhook_rules(path: list, value: object, fragment: str) -> None:
     manifest = to_manifest(build_pytorchjob("train-a", team=LOCAL_TEAM, workers=1))
@@ -199,8 +206,34 @@ def test_check_manifest_enforces_the_webhook_rules(path: list, value: object, fr
     for key in path[:-1]:
         target = target[key]
     target[path[-1]] = value
+    if path[-1] == "Worker" and value is None:  # a job whose Workers were dropped, but that asks for elasticity
+        del target["Worker"]
+        manifest["spec"]["elasticPolicy"] = {"minReplicas": 1, "maxReplicas": 2}
     with pytest.raises(ManifestError, match=fragment):
         check_manifest(manifest, source="job.yaml")
+
+
+@pytest.mark.parametrize("path, value", [
+    (["spec", "pytorchReplicaSpecs", "Master", "replicas"], None),
+    (["spec", "pytorchReplicaSpecs", "Worker", "replicas"], 0),
+    (["spec", "pytorchReplicaSpecs", "Master", "template", "spec", "containers", 0, "image"], "trainer:latest"),
+])
+def test_the_builder_check_manifest_and_arrcoc_validate_agree(path: list, value: object, schemas) -> None:
+    """One rule table (pipelines/jobs/rules.py): what the runtime refuses, `arrcoc validate` reports, at its path."""
+    from pipelines.validate import check
+    from pipelines.validation.findings import Doc
+
+    manifest = to_manifest(build_pytorchjob("train-a", team=LOCAL_TEAM, workers=1))
+    target = manifest
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(ManifestError) as refused:
+        check_manifest(manifest, source="job.yaml") if value != "trainer:latest" else build_pytorchjob(
+            "train-a", team=LOCAL_TEAM, image=value)
+    findings = [str(f) for f in check([Doc("job.yaml", manifest)], schemas)]
+    reason = str(refused.value).rsplit(": ", 1)[-1]
+    assert any(reason in f for f in findings), (str(refused.value), findings)
 
 
 def test_render_cli_matches_the_example_in_git(capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,6 +8,7 @@ from collections import defaultdict
 import yaml
 from typing import Iterator
 
+from pipelines.jobs.rules import image_problem
 from pipelines.validation.findings import Doc, Finding
 from pipelines.validation.podsecurity import containers
 
@@ -26,17 +27,6 @@ TEAM_LABEL = "arrcoc.io/team"
 ACCELERATOR = "cloud.google.com/gke-accelerator"
 SPOT_LABEL = "cloud.google.com/gke-spot"
 _TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
-
-
-def image_problem(image: str) -> str | None:
-    if "@sha256:" in image:
-        return None
-    last = image.rsplit("/", 1)[-1]
-    if ":" not in last:
-        return f"image {image!r} has no tag: pin a version or a digest"
-    if last.rsplit(":", 1)[1] == "latest":
-        return f"image {image!r} uses :latest: pin a version or a digest"
-    return None
 
 
 def check_pod_spec(doc: Doc, path: list, spec: dict) -> Iterator[Finding]:
