@@ -39,13 +39,13 @@ def image_problem(image: str) -> str | None:
     return None
 
 
-def check_pod_spec(doc: Doc, path: list, spec: dict) -> Iterator[Finding]:
+def check_pod_spec(doc: Doc, path: list, spec: dict, images_only: bool = False) -> Iterator[Finding]:
     for cpath, container in containers(spec):
         here = path + cpath
         image = container.get("image")
         if isinstance(image, str) and (problem := image_problem(image)):
             yield doc.finding(here + ["image"], problem)
-        if cpath[0] == "ephemeralContainers":
+        if cpath[0] == "ephemeralContainers" or images_only:
             continue
         resources = container.get("resources") or {}
         for section in ("requests", "limits"):
