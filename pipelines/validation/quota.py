@@ -20,6 +20,7 @@ from kubernetes.utils.quantity import parse_quantity
 
 from pipelines.team_config import TeamConfig, TeamConfigError
 from pipelines.validation.findings import Doc, Finding
+from pipelines.validation.katib import substituted_trial_spec
 
 GPU = "nvidia.com/gpu"
 # ResourceQuota key -> (requests or limits, resource); "pods" counts pods.
@@ -52,8 +53,11 @@ def job_usage(job: Mapping) -> Usage:
     total: Usage = Counter()
     for replica in ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).values():
         pod = ((replica or {}).get("template") or {}).get("spec") or {}
+        replicas = (replica or {}).get("replicas", 1)
+        if not isinstance(replicas, int):
+            continue  # an unsubstituted or mistyped count: the schema check reports it
         for key, value in pod_usage(pod).items():
-            total[key] += value * int((replica or {}).get("replicas", 1))
+            total[key] += value * replicas
     return total
 
 
@@ -88,7 +92,7 @@ def check_quotas(docs: list[Doc], compiled: list[Path] = ()) -> Iterator[Finding
                                                                    f"of {namespace} holds: {'; '.join(over)}")
             elif doc.kind == "Experiment":
                 spec = doc.obj.get("spec") or {}
-                trial = job_usage((spec.get("trialTemplate") or {}).get("trialSpec") or {})
+                trial = job_usage(substituted_trial_spec(doc) or {})
                 parallel = int(spec.get("parallelTrialCount") or 3)  # Katib's default
                 sweep = Counter({k: v * parallel for k, v in trial.items()})
                 if over := _over(sweep, hard):
