@@ -1,7 +1,7 @@
 """`arrcoc validate`: the real overlays pass, and broken copies are each caught with the right field path.
 
 No cluster exists here: objects are rendered with `kubectl kustomize` and checked offline against
-the upstream schemas in ../shared/crds (or $ARRCOC_CRD_DIR).
+the upstream schemas in $ARRCOC_CRD_DIR (tests/conftest.py) or .arrcoc/crds.
 """
 from __future__ import annotations
 
