@@ -153,6 +153,16 @@ CASES = [
      "Namespace//team-vision", "(NetworkPolicy egress)", "169.254.169.254:80"),
     ("no egress to Kubeflow", lambda docs: [d for d in docs if d.name != "allow-kubeflow-and-istio"],
      "Namespace//team-vision", "(NetworkPolicy egress)", "kubeflow/ml-pipeline:8887"),
+    ("GCS FUSE replica without sidecar limits",
+     _edit(lambda d: _obj(d, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"]["template"].setdefault(
+         "metadata", {}).setdefault("annotations", {}).update({"gke-gcsfuse/volumes": "true"})),
+     "PyTorchJob/team-vision/arrcoc-train-1", 'spec.pytorchReplicaSpecs.Master.template.metadata.annotations["gke-gcsfuse/cpu-limit"]',
+     "limits.*"),
+    ("GCS FUSE replica running as default",
+     _edit(lambda d: _obj(d, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"]["template"].setdefault(
+         "metadata", {}).setdefault("annotations", {}).update({"gke-gcsfuse/volumes": "true"})),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.template.spec.serviceAccountName",
+     "Workload Identity"),
     ("sweep larger than the quota", _edit(lambda d: _obj(d, "Experiment")["spec"].update(parallelTrialCount=13)),
      "Experiment/team-vision/sweep", "spec.parallelTrialCount", "at most 12 fit at once"),
     ("job larger than the quota",

@@ -165,3 +165,30 @@ def _check_kueue_config(doc: Doc) -> Iterator[Finding]:
         yield doc.finding(["data", "controller_manager_config.yaml"], "integrations.frameworks must include kubeflow.org/pytorchjob (Kueue v0.19 leaves it out by default)")
 
 
+
+
+# GKE injects the GCS FUSE sidecar into pods annotated gke-gcsfuse/volumes: "true". Without these annotations the
+# sidecar has no cpu or memory limit, which a ResourceQuota on limits.* refuses; and the sidecar authenticates with
+# the pod's service account through Workload Identity, which the Profile's plugin configures on default-editor.
+GCSFUSE_LIMIT_ANNOTATIONS = ("gke-gcsfuse/cpu-limit", "gke-gcsfuse/memory-limit")
+WORKLOAD_IDENTITY_ACCOUNT = "default-editor"
+
+
+def check_gcsfuse(doc: Doc, job: dict, prefix: list, quota_namespaces: dict[str, dict]) -> Iterator[Finding]:
+    namespace = (job.get("metadata") or {}).get("namespace") or doc.namespace
+    hard = quota_namespaces.get(namespace, {})
+    for rtype, replica in ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).items():
+        template = (replica or {}).get("template") or {}
+        annotations = (template.get("metadata") or {}).get("annotations") or {}
+        if str(annotations.get("gke-gcsfuse/volumes")) != "true":
+            continue
+        here = prefix + ["spec", "pytorchReplicaSpecs", rtype, "template"]
+        if any(key.startswith("limits.") for key in hard):
+            for key in GCSFUSE_LIMIT_ANNOTATIONS:
+                if key not in annotations:
+                    yield doc.finding(here + ["metadata", "annotations", key], f"must be set: the GCS FUSE sidecar "
+                                      f"otherwise has no limit, and ResourceQuota of {namespace} limits limits.*")
+        account = (template.get("spec") or {}).get("serviceAccountName") or "default"
+        if account != WORKLOAD_IDENTITY_ACCOUNT:
+            yield doc.finding(here + ["spec", "serviceAccountName"], f"{account!r} has no Workload Identity: the GCS "
+                              f"FUSE sidecar needs {WORKLOAD_IDENTITY_ACCOUNT!r}, which the Profile configures")
