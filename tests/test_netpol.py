@@ -37,7 +37,8 @@ def test_policies_are_additive() -> None:
 
 
 def test_pod_selector_alone_means_the_policys_own_namespace() -> None:
-    allow = policy("a", {"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}]})
+    client = {"podSelector": {"matchLabels": {"app": "client"}}}
+    allow = policy("a", {"podSelector": {}, "ingress": [{"from": [client]}]})
     assert not connection([allow], B, A, 80).allowed  # app=client, but in namespace b
     assert connection([allow], Endpoint("a", {}, {"app": "client"}), A, 80).allowed
 

@@ -55,7 +55,8 @@ def platform() -> tuple[list[Doc], list]:
 
 
 def _get(docs: list[Doc], kind: str, name: str, namespace: str | None = None) -> Doc:
-    return next(d for d in docs if d.kind == kind and d.name == name and (namespace is None or d.namespace == namespace))
+    return next(d for d in docs
+                if d.kind == kind and d.name == name and (namespace is None or d.namespace == namespace))
 
 
 def test_whole_platform_renders_and_validates(platform) -> None:
@@ -135,8 +136,10 @@ def test_katib_pods_without_our_katib_config_are_refused(platform) -> None:
         config["init"]["controller"].pop("injectSecurityContext")
         for suggestion in config["runtime"]["suggestions"]:
             suggestion.pop("securityContext")
-    problems = {doc.kind: _restricted(doc, spec) for doc, spec in controller_pods.katib_pods(_katib_config(platform[0], upstream))}
-    assert "containers[1].securityContext.allowPrivilegeEscalation: must be false (Pod Security restricted)" in problems["KatibTrialPod"]
+    docs = _katib_config(platform[0], upstream)
+    problems = {doc.kind: _restricted(doc, spec) for doc, spec in controller_pods.katib_pods(docs)}
+    collector = "containers[1].securityContext.allowPrivilegeEscalation: must be false (Pod Security restricted)"
+    assert collector in problems["KatibTrialPod"]
     assert any(p.startswith("containers[0].securityContext.runAsNonRoot") for p in problems["KatibSuggestionPod"])
 
 
@@ -153,13 +156,16 @@ def test_kfp_step_without_run_as_non_root_is_refused(platform, tmp_path: Path) -
     assert problems and all(p.startswith("containers[0].securityContext.runAsNonRoot") for p in problems)
     # the platform-wide alternative: pipeline-install-config's admin default
     docs = copy.deepcopy(docs)
-    _get(docs, "ConfigMap", "pipeline-install-config", "kubeflow").obj["data"]["defaultSecurityContextRunAsNonRoot"] = "true"
+    install_config = _get(docs, "ConfigMap", "pipeline-install-config", "kubeflow").obj["data"]
+    install_config["defaultSecurityContextRunAsNonRoot"] = "true"
     assert not [p for doc, spec in controller_pods.kfp_pods(docs, bare, "p", "t") for p in _restricted(doc, spec)]
 
 
 def test_argo_executor_containers_follow_the_workflow_controller_config(platform) -> None:
     docs = copy.deepcopy(platform[0])
-    _get(docs, "ConfigMap", "workflow-controller-configmap", "kubeflow").obj["data"]["executor"] = "imagePullPolicy: IfNotPresent\n"
-    driver = next(spec for doc, spec in controller_pods.kfp_pods(docs, PIPELINE, "p", "t") if doc.kind == "KfpDriverPod")
+    argo = _get(docs, "ConfigMap", "workflow-controller-configmap", "kubeflow").obj["data"]
+    argo["executor"] = "imagePullPolicy: IfNotPresent\n"
+    modelled = controller_pods.kfp_pods(docs, PIPELINE, "p", "t")
+    driver = next(spec for doc, spec in modelled if doc.kind == "KfpDriverPod")
     problems = _restricted(Doc("p", {"kind": "KfpDriverPod"}), driver)
     assert any(p.startswith("initContainers[0].securityContext.allowPrivilegeEscalation") for p in problems)

@@ -120,7 +120,8 @@ def check_namespaces(docs: list[Doc]) -> Iterator[Finding]:
             key, value = PROFILE_LABEL
             if labels.get(key) != value:
                 yield d.finding(["metadata", "labels", key], f"must be {value!r} (got {labels.get(key)!r}): Kubeflow's "
-                                f"NetworkPolicies admit KFP steps and Katib collectors only from namespaces labelled so, "
+                                f"NetworkPolicies admit KFP steps and Katib collectors only from namespaces labelled "
+                                f"so, "
                                 f"and the profile controller never overwrites an existing key")
             annotation = ((d.obj.get("metadata") or {}).get("annotations") or {}).get("owner")
             if team in owners and annotation != owners[team]:

@@ -69,12 +69,14 @@ def _workload_pods(docs: list[Doc], namespace: str) -> list[tuple[dict[str, str]
     return out
 
 
-def _service_endpoint(docs: list[Doc], namespaces: dict[str, dict], name: str, port: int) -> tuple[Endpoint, int] | None:
+def _service_endpoint(docs: list[Doc], namespaces: dict[str, dict], name: str,
+                      port: int) -> tuple[Endpoint, int] | None:
     service = next((d for d in docs if d.kind == "Service" and d.namespace == KUBEFLOW and d.name == name), None)
     if service is None:
         return None
     spec = service.obj.get("spec") or {}
-    target = next((p.get("targetPort") or p.get("port") for p in spec.get("ports") or [] if p.get("port") == port), None)
+    target = next((p.get("targetPort") or p.get("port") for p in spec.get("ports") or [] if p.get("port") == port),
+                  None)
     if target is None:
         return None
     selector = spec.get("selector") or {}
