@@ -73,6 +73,7 @@ def check(docs: list[Doc], schemas: SchemaSet, compiled: list[Path] = ()) -> lis
     findings: list[Finding] = []
     configs = invariants.team_configs(docs)
     quotas = {d.namespace: (d.obj.get("spec") or {}).get("hard") or {} for d in docs if d.kind == "ResourceQuota"}
+    profiles = {d.name for d in docs if d.kind == "Profile"}
     for doc in docs:
         schemas.add_crd(doc.obj)
     for doc in docs:
@@ -92,7 +93,7 @@ def check(docs: list[Doc], schemas: SchemaSet, compiled: list[Path] = ()) -> lis
         for prefix, job in _pytorchjobs(doc):
             findings.extend(training.check_pytorchjob(doc, job, prefix))
             findings.extend(invariants.check_job_scheduling(doc, job, prefix, configs))
-            findings.extend(invariants.check_gcsfuse(doc, job, prefix, quotas))
+            findings.extend(invariants.check_gcsfuse(doc, job, prefix, quotas, profiles))
         # Kubeflow's own workloads run in its system namespaces, which are not "restricted" and carry no team quota:
         # of our pod rules only the pinned-image one applies to them.
         upstream = doc.source == PLATFORM_LABEL

@@ -175,7 +175,10 @@ GCSFUSE_LIMIT_ANNOTATIONS = ("gke-gcsfuse/cpu-limit", "gke-gcsfuse/memory-limit"
 WORKLOAD_IDENTITY_ACCOUNT = "default-editor"
 
 
-def check_gcsfuse(doc: Doc, job: dict, prefix: list, quota_namespaces: dict[str, dict]) -> Iterator[Finding]:
+def check_gcsfuse(doc: Doc, job: dict, prefix: list, quota_namespaces: dict[str, dict],
+                  profile_namespaces: set[str]) -> Iterator[Finding]:
+    """The sidecar's limits where a quota limits limits.*; the Workload Identity account in a Profile's namespace
+    (the only place the Profile's plugin configures it, so only checked where the Profile is in view)."""
     namespace = (job.get("metadata") or {}).get("namespace") or doc.namespace
     hard = quota_namespaces.get(namespace, {})
     for rtype, replica in ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).items():
@@ -190,6 +193,6 @@ def check_gcsfuse(doc: Doc, job: dict, prefix: list, quota_namespaces: dict[str,
                     yield doc.finding(here + ["metadata", "annotations", key], f"must be set: the GCS FUSE sidecar "
                                       f"otherwise has no limit, and ResourceQuota of {namespace} limits limits.*")
         account = (template.get("spec") or {}).get("serviceAccountName") or "default"
-        if account != WORKLOAD_IDENTITY_ACCOUNT:
+        if namespace in profile_namespaces and account != WORKLOAD_IDENTITY_ACCOUNT:
             yield doc.finding(here + ["spec", "serviceAccountName"], f"{account!r} has no Workload Identity: the GCS "
                               f"FUSE sidecar needs {WORKLOAD_IDENTITY_ACCOUNT!r}, which the Profile configures")
