@@ -1,6 +1,5 @@
 """`python -m pipelines.crds download [DIR]`: fetch the upstream CRDs and schemas `arrcoc validate`
-reads, at pinned commits, and check them against the sha256 list below (the same list as
-../shared/crds/SHA256SUMS). `python -m pipelines.crds verify [DIR]` checks an existing directory.
+reads, at pinned commits, and check them against the sha256 list below. `python -m pipelines.crds verify [DIR]` checks an existing directory.
 Nothing is written unless every file downloads and matches: files land in a temporary directory
 inside DIR and are renamed into place at the end; a directory that already matches is left as is.
 """
@@ -123,7 +122,7 @@ def download(directory: Path, timeout: float = 60.0) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.crds", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("download", "verify"))
-    parser.add_argument("directory", nargs="?", type=Path, help="default: $ARRCOC_CRD_DIR or ../shared/crds")
+    parser.add_argument("directory", nargs="?", type=Path, help="default: $ARRCOC_CRD_DIR or .arrcoc/crds in the checkout")
     args = parser.parse_args(argv)
     directory = args.directory or crd_dir()
     try:

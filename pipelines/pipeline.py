@@ -15,6 +15,9 @@ compile into the platform spec, the second YAML document; kfp.local ignores them
 - an optional Secret hf-token (key token) as HF_TOKEN on evaluate, which rebuilds the base model when
   base_model is a Hugging Face hub id; teams without the secret are unaffected.
 - cpu/memory requests: the team namespace's ResourceQuota rejects pods that declare none.
+- runAsNonRoot with the image's uid on every step: KFP 2.16 gives the executor's main container no runAsNonRoot of
+  its own (backend/src/v2/compiler/argocompiler/security_context.go), and team namespaces enforce Pod Security
+  "restricted", which refuses a pod without it.
 """
 from typing import NamedTuple
 
@@ -27,7 +30,7 @@ from pipelines.components.prepare_data import prepare_data
 from pipelines.components.register import register
 from pipelines.components.train import train
 from pipelines.components.training import MAX_TIMEOUT_MINUTES
-from pipelines.pytorchjob import CHECKPOINT_MOUNT
+from pipelines.pytorchjob import CHECKPOINT_MOUNT, RUN_AS_USER
 from pipelines.team_config import CONFIGMAP_NAME, ENV_NAMES, SPOT_LABEL
 from trainer.config import TrainConfig
 
@@ -52,6 +55,7 @@ def _common(task: dsl.PipelineTask, step: str, cpu: str, memory: str, timeout_s:
     kubernetes.add_pod_label(task, STEP_LABEL, step)
     kubernetes.add_node_selector(task, "kubernetes.io/arch", "amd64")
     kubernetes.set_timeout(task, timeout_s)
+    kubernetes.set_security_context(task, run_as_user=RUN_AS_USER, run_as_group=RUN_AS_USER, run_as_non_root=True)
     return task
 
 

@@ -1,7 +1,12 @@
 """`arrcoc validate [PATH...]`: render and check, offline, everything we apply to a cluster.
 
-With no PATH: manifests/ (offline parts rendered, remote refs checked for pinning), every
-kustomize/overlays/*, every katib/overlays/* and every YAML file under pipelines/examples/.
+With no PATH: manifests/ (offline parts rendered, remote refs checked for pinning; with --platform the
+Kubeflow install in manifests/kubeflow is rendered from its remote refs too), every kustomize/overlays/*, every
+katib/overlays/* and every YAML file under pipelines/examples/; the compiled pipelines in pipelines/compiled/
+feed the model of the pods KFP builds. Besides each object on its own, the objects are checked together:
+team namespaces and their quotas (validation.invariants, validation.quota), the connections their workloads
+need under every NetworkPolicy (validation.reachability), and Pod Security "restricted" on the pods Kubeflow's
+controllers build (validation.controller_pods).
 Each error prints as `<file>: <Kind>/<namespace>/<name>: <field.path>: <message>`; any error
 exits 1, otherwise one OK line.
 """
@@ -13,7 +18,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pipelines.validation import invariants, katib, training
+from pipelines.validation import controller_pods, invariants, katib, quota, reachability, training
 from pipelines.validation.findings import Doc, Finding
 from pipelines.validation.loading import Loaded, load_path, load_tree, render
 from pipelines.validation.podsecurity import check_restricted, pod_specs
@@ -22,9 +27,14 @@ from pipelines.validation.schemas import SchemaSet
 REPO = Path(__file__).resolve().parents[1]
 
 
+PLATFORM_LABEL = "manifests/kubeflow"  # the Kubeflow install, as findings name it
+COMPILED = REPO / "pipelines" / "compiled"
+
+
 def crd_dir() -> Path:
+    """$ARRCOC_CRD_DIR, else the git-ignored cache inside the checkout that `make crds` fills."""
     configured = os.environ.get("ARRCOC_CRD_DIR")
-    return Path(configured) if configured else (REPO / ".." / "shared" / "crds").resolve()
+    return Path(configured) if configured else REPO / ".arrcoc" / "crds"
 
 
 def _label_of(base: Path) -> Callable[[Path], str]:
@@ -37,10 +47,10 @@ def _label_of(base: Path) -> Callable[[Path], str]:
     return label
 
 
-def load_defaults(repo: Path, out: Loaded) -> None:
+def load_defaults(repo: Path, out: Loaded, platform: bool = False) -> None:
     label = _label_of(repo)
     if (repo / "manifests").is_dir():
-        load_tree(repo / "manifests", label, out)
+        load_tree(repo / "manifests", label, out, render_remote={repo / PLATFORM_LABEL} if platform else set())
     for parent in ("kustomize/overlays", "katib/overlays"):
         for overlay in sorted((repo / parent).glob("*/")) if (repo / parent).is_dir() else []:
             render(overlay, label(overlay), out)
@@ -59,9 +69,13 @@ def _pytorchjobs(doc: Doc) -> Iterator[tuple[list, dict]]:
             yield ["spec", "trialTemplate", "trialSpec"], trial
 
 
-def check(docs: list[Doc], schemas: SchemaSet) -> list[Finding]:
+def check(docs: list[Doc], schemas: SchemaSet, compiled: list[Path] = ()) -> list[Finding]:
     findings: list[Finding] = []
     configs = invariants.team_configs(docs)
+    quotas = {d.namespace: (d.obj.get("spec") or {}).get("hard") or {} for d in docs if d.kind == "ResourceQuota"}
+    profiles = {d.name for d in docs if d.kind == "Profile"}
+    for doc in docs:
+        schemas.add_crd(doc.obj)
     for doc in docs:
         findings.extend(schemas.check(doc))
         templates = list(pod_specs(doc.obj))
@@ -79,21 +93,39 @@ def check(docs: list[Doc], schemas: SchemaSet) -> list[Finding]:
         for prefix, job in _pytorchjobs(doc):
             findings.extend(training.check_pytorchjob(doc, job, prefix))
             findings.extend(invariants.check_job_scheduling(doc, job, prefix, configs))
+            findings.extend(invariants.check_gcsfuse(doc, job, prefix, quotas, profiles))
+        # Kubeflow's own workloads run in its system namespaces, which are not "restricted" and carry no team quota:
+        # of our pod rules only the pinned-image one applies to them.
+        upstream = doc.source == PLATFORM_LABEL
         for path, spec in templates:
-            findings.extend(check_restricted(doc, path, spec))
-            findings.extend(invariants.check_pod_spec(doc, path, spec))
+            if not upstream:
+                findings.extend(check_restricted(doc, path, spec))
+            findings.extend(invariants.check_pod_spec(doc, path, spec, images_only=upstream))
     findings.extend(invariants.check_namespaces(docs))
+    findings.extend(quota.check_quotas(docs, list(compiled)))
+    findings.extend(reachability.check_reachability(docs))
+    findings.extend(_controller_pod_findings(docs, compiled))
     return findings
 
 
-def validate(paths: list[Path], schemas: SchemaSet) -> tuple[Loaded, list[Finding]]:
+def _controller_pod_findings(docs: list[Doc], compiled: list[Path]) -> Iterator[Finding]:
+    modelled = list(controller_pods.katib_pods(docs))
+    for path in compiled:
+        modelled.extend(controller_pods.kfp_pods(docs, path, _label_of(REPO)(path), "(team namespaces)"))
+    for doc, spec in modelled:
+        yield from check_restricted(doc, [], spec)
+
+
+def validate(paths: list[Path], schemas: SchemaSet, platform: bool = False) -> tuple[Loaded, list[Finding]]:
     loaded = Loaded()
+    compiled: list[Path] = []
     if paths:
         for path in paths:
             load_path(path, _label_of(Path.cwd()), loaded)
     else:
-        load_defaults(REPO, loaded)
-    return loaded, loaded.findings + check(loaded.docs, schemas)
+        load_defaults(REPO, loaded, platform)
+        compiled = sorted(COMPILED.glob("*.yaml"))
+    return loaded, loaded.findings + check(loaded.docs, schemas, compiled)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,11 +134,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="kustomization directories, trees of them, or YAML files (default: manifests/, "
         "kustomize/overlays/*, katib/overlays/*, pipelines/examples/)",
     )
+    parser.add_argument(
+        "--platform", action="store_true",
+        help="also render the Kubeflow install (manifests/kubeflow) from its remote refs, which needs the network "
+        "(about a minute), and check it with the rest",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     schemas = SchemaSet(crd_dir())
-    loaded, findings = validate(list(args.paths), schemas)
+    loaded, findings = validate(list(args.paths), schemas, args.platform)
     for finding in findings:
         print(finding)
     if findings:

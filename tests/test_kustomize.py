@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.team_config import TeamConfig
+
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = REPO / "kustomize" / "components"
 
@@ -33,8 +35,11 @@ def test_teams_differ_in_capacity_gpu_and_quota(overlays) -> None:
     vision, research = (_team_config(overlays[t]) for t in ("team-vision", "team-research"))
     assert (vision["capacity"], vision["gpuType"]) == ("spot", "nvidia-l4")
     assert (research["capacity"], research["gpuType"]) == ("on-demand", "nvidia-tesla-a100")
-    assert json.loads(vision["nodeSelector"]) == {"cloud.google.com/gke-accelerator": "nvidia-l4", "cloud.google.com/gke-spot": "true"}
-    assert json.loads(research["nodeSelector"]) == {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}
+    # written once: the GKE selectors follow from capacity and gpuType when team-config is read
+    assert TeamConfig.from_configmap(vision).pod_node_selector() == {
+        "cloud.google.com/gke-accelerator": "nvidia-l4", "cloud.google.com/gke-spot": "true"}
+    assert TeamConfig.from_configmap(research).pod_node_selector() == {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}
+    assert json.loads(vision["nodeSelector"]) == json.loads(research["nodeSelector"]) == {}
     quotas = {t: next(d for d in docs if d["kind"] == "ResourceQuota")["spec"]["hard"] for t, docs in overlays.items()}
     assert int(quotas["team-vision"]["requests.nvidia.com/gpu"]) < int(quotas["team-research"]["requests.nvidia.com/gpu"])
     for team, docs in overlays.items():
@@ -52,8 +57,7 @@ def test_component_strings_match_its_pod_values(capacity: str) -> None:
     patch = yaml.safe_load((COMPONENTS / capacity / "team-config.capacity.yaml").read_text())["data"]
     assert patch["capacity"] == capacity
     assert json.loads(patch["tolerations"]) == scheduling["tolerations"]
-    spot_terms = json.dumps(scheduling.get("affinity", {}))
-    assert ("cloud.google.com/gke-spot" in json.loads(patch["nodeSelector"])) == ("cloud.google.com/gke-spot" in spot_terms)
+    assert "nodeSelector" not in patch  # derived from capacity, never copied
 
 
 JOB = """\

@@ -1,7 +1,7 @@
 """`arrcoc validate`: the real overlays pass, and broken copies are each caught with the right field path.
 
 No cluster exists here: objects are rendered with `kubectl kustomize` and checked offline against
-the upstream schemas in ../shared/crds (or $ARRCOC_CRD_DIR).
+the upstream schemas in $ARRCOC_CRD_DIR (tests/conftest.py) or .arrcoc/crds.
 """
 from __future__ import annotations
 
@@ -141,8 +141,33 @@ CASES = [
      "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Worker.template.spec.tolerations", "cloud.google.com/gke-spot"),
     ("wrong team-config capacity", _edit(lambda d: _team_config(d).update(capacity="preemptible")),
      "ConfigMap/team-vision/team-config", "data.capacity", "spot, on-demand"),
-    ("team-config nodeSelector off gpuType", _edit(lambda d: _team_config(d).update(gpuType="nvidia-tesla-t4")),
-     "ConfigMap/team-vision/team-config", "data.nodeSelector", "nvidia-tesla-t4"),
+    ("team-config nodeSelector off gpuType",
+     _edit(lambda d: _team_config(d).update(nodeSelector='{"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}')),
+     "ConfigMap/team-vision/team-config", "data.nodeSelector", "contradicts gpuType"),
+    ("no checkpoint PVC for the pipeline", _drop("PersistentVolumeClaim"),
+     "ConfigMap/team-vision/team-config", "data.checkpointPVC", "stage data"),
+    ("namespace without Kubeflow's profile label",
+     _edit(lambda d: _obj(d, "Namespace")["metadata"]["labels"].update({"app.kubernetes.io/part-of": "arrcoc"})),
+     "Namespace//team-vision", 'metadata.labels["app.kubernetes.io/part-of"]', "kubeflow-profile"),
+    ("no egress to the GKE metadata server", lambda docs: [d for d in docs if d.name != "allow-gke-metadata-server"],
+     "Namespace//team-vision", "(NetworkPolicy egress)", "169.254.169.254:80"),
+    ("no egress to Kubeflow", lambda docs: [d for d in docs if d.name != "allow-kubeflow-and-istio"],
+     "Namespace//team-vision", "(NetworkPolicy egress)", "kubeflow/ml-pipeline:8887"),
+    ("GCS FUSE replica without sidecar limits",
+     _edit(lambda d: _obj(d, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"]["template"].setdefault(
+         "metadata", {}).setdefault("annotations", {}).update({"gke-gcsfuse/volumes": "true"})),
+     "PyTorchJob/team-vision/arrcoc-train-1", 'spec.pytorchReplicaSpecs.Master.template.metadata.annotations["gke-gcsfuse/cpu-limit"]',
+     "limits.*"),
+    ("GCS FUSE replica running as default",
+     _edit(lambda d: _obj(d, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"]["template"].setdefault(
+         "metadata", {}).setdefault("annotations", {}).update({"gke-gcsfuse/volumes": "true"})),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.template.spec.serviceAccountName",
+     "Workload Identity"),
+    ("sweep larger than the quota", _edit(lambda d: _obj(d, "Experiment")["spec"].update(parallelTrialCount=13)),
+     "Experiment/team-vision/sweep", "spec.parallelTrialCount", "at most 12 fit at once"),
+    ("job larger than the quota",
+     _edit(lambda d: _obj(d, "ResourceQuota")["spec"]["hard"].update({"requests.cpu": "3"})),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs", "requests.cpu"),
     ("cluster-scoped Profile with a namespace", _edit(lambda d: _obj(d, "Profile")["metadata"].update(namespace="team-vision")),
      "Profile/team-vision/team-vision", "metadata.namespace", "cluster-scoped"),
     ("Namespace owner differs from Profile", _edit(lambda d: _obj(d, "Namespace")["metadata"]["annotations"].update(owner="x@example.com")),
@@ -178,6 +203,17 @@ def test_kueue_config_must_enable_pytorchjob(schemas, default_run) -> None:
     config["data"]["controller_manager_config.yaml"] = config["data"]["controller_manager_config.yaml"].replace("- kubeflow.org/pytorchjob", "")
     findings = check(docs, schemas)
     assert [f.path for f in findings if "kubeflow.org/pytorchjob" in f.message] == ['data["controller_manager_config.yaml"]']
+
+
+def test_kueue_must_not_borrow_past_the_namespace_quota(schemas, default_run) -> None:
+    docs = copy.deepcopy(default_run[0].docs)
+    queue = _obj(docs, "ClusterQueue", "team-vision")
+    for flavor in queue["spec"]["resourceGroups"][0]["flavors"]:
+        for resource in flavor["resources"]:
+            resource.pop("borrowingLimit")
+    findings = [f for f in check(docs, schemas) if f.kind == "ClusterQueue"]
+    assert findings and all("borrowing from cohort arrcoc is unbounded" in f.message for f in findings), findings
+    assert {f.name for f in findings} == {"team-vision"}
 
 
 @pytest.mark.parametrize(

@@ -2,40 +2,36 @@
 version, and every PyTorchJob tolerates the nodes its team's team-config sends it to."""
 from __future__ import annotations
 
-import json
+import re
 from collections import defaultdict
-
-import yaml
 from typing import Iterator
 
+import yaml
+
 from pipelines.jobs.rules import image_problem
+from pipelines.team_config import CONFIGMAP_NAME as TEAM_CONFIG
+from pipelines.team_config import KEYS, TeamConfig, TeamConfigError
 from pipelines.validation.findings import Doc, Finding
 from pipelines.validation.podsecurity import containers
 
-TEAM_CONFIG = "team-config"
-TEAM_CONFIG_KEYS = (
-    "team", "capacity", "gpuType", "gpusPerReplica", "cpuPerReplica", "memoryPerReplica",
-    "nodeSelector", "tolerations", "kueueQueue", "checkpointBucket", "checkpointPVC",
-    "backoffLimit", "priorityClassName",
-)
-CAPACITIES = ("spot", "on-demand")
 QUOTA_KEYS = (
     ("requests.cpu", "cpu"), ("requests.memory", "memory"), ("requests.nvidia.com/gpu",),
     ("pods",), ("persistentvolumeclaims",),
 )
 TEAM_LABEL = "arrcoc.io/team"
-ACCELERATOR = "cloud.google.com/gke-accelerator"
-SPOT_LABEL = "cloud.google.com/gke-spot"
-_TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+# The namespace label Kubeflow 26.03's NetworkPolicies admit into ml-pipeline, metadata-grpc-server, seaweedfs and
+# katib-db-manager (common/kubeflow-namespace/base/kubeflow/*.yaml); the profile controller sets it only on a
+# namespace that does not already have the key.
+PROFILE_LABEL = ("app.kubernetes.io/part-of", "kubeflow-profile")
 
 
-def check_pod_spec(doc: Doc, path: list, spec: dict) -> Iterator[Finding]:
+def check_pod_spec(doc: Doc, path: list, spec: dict, images_only: bool = False) -> Iterator[Finding]:
     for cpath, container in containers(spec):
         here = path + cpath
         image = container.get("image")
         if isinstance(image, str) and (problem := image_problem(image)):
             yield doc.finding(here + ["image"], problem)
-        if cpath[0] == "ephemeralContainers":
+        if cpath[0] == "ephemeralContainers" or images_only:
             continue
         resources = container.get("resources") or {}
         for section in ("requests", "limits"):
@@ -45,44 +41,18 @@ def check_pod_spec(doc: Doc, path: list, spec: dict) -> Iterator[Finding]:
                 yield doc.finding(here + ["resources", section], f"must declare {' and '.join(missing)}")
 
 
-def _parse_team_config(doc: Doc) -> tuple[dict, list[Finding]]:
-    """The parsed team-config (nodeSelector and tolerations decoded) and what is wrong with it."""
-    data = doc.obj.get("data") or {}
-    problems: list[Finding] = []
-    for key in TEAM_CONFIG_KEYS:
-        if key not in data:
-            problems.append(doc.finding(["data", key], "missing (team-config keys: " + ", ".join(TEAM_CONFIG_KEYS) + ")"))
-    for key in sorted(set(data) - set(TEAM_CONFIG_KEYS)):
-        problems.append(doc.finding(["data", key], "unknown key (team-config keys: " + ", ".join(TEAM_CONFIG_KEYS) + ")"))
-    parsed = dict(data)
-    if data.get("capacity") not in CAPACITIES and "capacity" in data:
-        problems.append(doc.finding(["data", "capacity"], f"{data['capacity']!r} is not allowed; allowed: {', '.join(CAPACITIES)}"))
-    for key in ("gpusPerReplica", "backoffLimit"):
-        if key in data and not str(data[key]).isdigit():
-            problems.append(doc.finding(["data", key], f"must be a non-negative integer string, got {data[key]!r}"))
+_ERROR_KEY = re.compile(r"^[^:]*: (?:unknown key |missing key )?'?([A-Za-z]+)")
+
+
+def _parse_team_config(doc: Doc) -> tuple[TeamConfig | None, list[Finding]]:
+    """team-config read by the same code the PyTorchJob builder and the pipeline use, and what is wrong with it."""
     try:
-        selector = json.loads(data.get("nodeSelector", "{}"))
-        if not isinstance(selector, dict) or not all(isinstance(v, str) for v in selector.values()):
-            raise ValueError
-    except ValueError:
-        problems.append(doc.finding(["data", "nodeSelector"], "must be a JSON object of string values"))
-        selector = {}
-    try:
-        tolerations = json.loads(data.get("tolerations", "[]"))
-        if not isinstance(tolerations, list) or not all(isinstance(t, dict) and set(t) <= _TOLERATION_KEYS for t in tolerations):
-            raise ValueError
-    except ValueError:
-        problems.append(doc.finding(["data", "tolerations"], "must be a JSON list of Kubernetes tolerations (keys: " + ", ".join(sorted(_TOLERATION_KEYS)) + ")"))
-        tolerations = []
-    parsed["nodeSelector"], parsed["tolerations"] = selector, tolerations
-    if selector.get(ACCELERATOR) != data.get("gpuType"):
-        problems.append(doc.finding(["data", "nodeSelector"], f"{ACCELERATOR} must equal gpuType {data.get('gpuType')!r}, got {selector.get(ACCELERATOR)!r}"))
-    spot = data.get("capacity") == "spot"
-    if (selector.get(SPOT_LABEL) == "true") != spot:
-        problems.append(doc.finding(["data", "nodeSelector"], f"{SPOT_LABEL}: \"true\" must be present exactly when capacity is spot"))
-    if any(t.get("key") == SPOT_LABEL for t in tolerations) != spot:
-        problems.append(doc.finding(["data", "tolerations"], f"the {SPOT_LABEL} toleration must be present exactly when capacity is spot"))
-    return parsed, problems
+        return TeamConfig.from_configmap(doc.obj, source=TEAM_CONFIG), []
+    except TeamConfigError as error:
+        message = str(error).split(": ", 1)[-1]
+        key = _ERROR_KEY.match(str(error))
+        path = ["data", key.group(1)] if key and key.group(1) in {*KEYS, *(doc.obj.get("data") or {})} else ["data"]
+        return None, [doc.finding(path, message)]
 
 
 def _tolerates(tolerations: list, taint: dict) -> bool:
@@ -96,15 +66,13 @@ def _tolerates(tolerations: list, taint: dict) -> bool:
     return False
 
 
-def team_configs(docs: list[Doc]) -> dict[str, dict]:
-    return {
-        d.namespace: _parse_team_config(d)[0]
-        for d in docs
-        if d.kind == "ConfigMap" and d.name == TEAM_CONFIG and d.namespace
-    }
+def team_configs(docs: list[Doc]) -> dict[str, TeamConfig]:
+    parsed = {d.namespace: _parse_team_config(d)[0] for d in docs
+              if d.kind == "ConfigMap" and d.name == TEAM_CONFIG and d.namespace}
+    return {namespace: config for namespace, config in parsed.items() if config is not None}
 
 
-def check_job_scheduling(doc: Doc, job: dict, prefix: list, configs: dict[str, dict]) -> Iterator[Finding]:
+def check_job_scheduling(doc: Doc, job: dict, prefix: list, configs: dict[str, TeamConfig]) -> Iterator[Finding]:
     """Every replica of a PyTorchJob tolerates each toleration of its namespace's team-config and
     selects the same nodes; namespaces without a known team-config are not team namespaces."""
     namespace = (job.get("metadata") or {}).get("namespace") or doc.namespace
@@ -114,15 +82,15 @@ def check_job_scheduling(doc: Doc, job: dict, prefix: list, configs: dict[str, d
     for rtype, replica in ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).items():
         pod = ((replica or {}).get("template") or {}).get("spec") or {}
         here = prefix + ["spec", "pytorchReplicaSpecs", rtype, "template", "spec"]
-        for taint in config["tolerations"]:
+        for taint in config.tolerations:
             if not _tolerates(pod.get("tolerations") or [], taint):
                 yield doc.finding(
                     here + ["tolerations"],
                     f"does not tolerate {taint.get('key')}={taint.get('value', '')}:{taint.get('effect')} "
-                    f"from team-config of {namespace} (capacity {config.get('capacity')})",
+                    f"from team-config of {namespace} (capacity {config.capacity})",
                 )
         selector = pod.get("nodeSelector") or {}
-        for key, value in config["nodeSelector"].items():
+        for key, value in config.pod_node_selector().items():
             if key in selector and selector[key] != value:
                 yield doc.finding(here + ["nodeSelector", key], f"{selector[key]!r} differs from team-config of {namespace}: {value!r}")
 
@@ -139,6 +107,12 @@ def check_namespaces(docs: list[Doc]) -> Iterator[Finding]:
         labels = (d.obj.get("metadata") or {}).get("labels") or {}
         if d.kind == "Namespace" and labels.get(TEAM_LABEL) == "true":
             team = d.name
+            key, value = PROFILE_LABEL
+            if labels.get(key) != value:
+                yield d.finding(["metadata", "labels", key], f"must be {value!r} (got {labels.get(key)!r}): Kubeflow's "
+                                f"NetworkPolicies admit KFP steps and Katib collectors only from namespaces labelled "
+                                f"so, "
+                                f"and the profile controller never overwrites an existing key")
             annotation = ((d.obj.get("metadata") or {}).get("annotations") or {}).get("owner")
             if team in owners and annotation != owners[team]:
                 yield d.finding(["metadata", "annotations", "owner"], f"must equal the Profile owner {owners[team]!r} or the profile controller will not adopt the namespace")
@@ -148,8 +122,10 @@ def check_namespaces(docs: list[Doc]) -> Iterator[Finding]:
             team = d.namespace
             parsed, problems = _parse_team_config(d)
             yield from problems
-            if parsed.get("checkpointBucket") == "" and (team, parsed.get("checkpointPVC")) not in pvcs:
-                yield d.finding(["data", "checkpointPVC"], f"no PersistentVolumeClaim {parsed.get('checkpointPVC')!r} in {team} and checkpointBucket is empty")
+            if parsed is not None and (team, parsed.checkpoint_pvc) not in pvcs:
+                # the pipeline's prepare-data, train and register steps mount it whatever checkpointBucket says
+                yield d.finding(["data", "checkpointPVC"], f"no PersistentVolumeClaim {parsed.checkpoint_pvc!r} in "
+                                f"{team}: the pipeline's steps stage data and models through it")
         else:
             continue
         if team in seen:
@@ -180,3 +156,33 @@ def _check_kueue_config(doc: Doc) -> Iterator[Finding]:
         yield doc.finding(["data", "controller_manager_config.yaml"], "integrations.frameworks must include kubeflow.org/pytorchjob (Kueue v0.19 leaves it out by default)")
 
 
+
+
+# GKE injects the GCS FUSE sidecar into pods annotated gke-gcsfuse/volumes: "true". Without these annotations the
+# sidecar has no cpu or memory limit, which a ResourceQuota on limits.* refuses; and the sidecar authenticates with
+# the pod's service account through Workload Identity, which the Profile's plugin configures on default-editor.
+GCSFUSE_LIMIT_ANNOTATIONS = ("gke-gcsfuse/cpu-limit", "gke-gcsfuse/memory-limit")
+WORKLOAD_IDENTITY_ACCOUNT = "default-editor"
+
+
+def check_gcsfuse(doc: Doc, job: dict, prefix: list, quota_namespaces: dict[str, dict],
+                  profile_namespaces: set[str]) -> Iterator[Finding]:
+    """The sidecar's limits where a quota limits limits.*; the Workload Identity account in a Profile's namespace
+    (the only place the Profile's plugin configures it, so only checked where the Profile is in view)."""
+    namespace = (job.get("metadata") or {}).get("namespace") or doc.namespace
+    hard = quota_namespaces.get(namespace, {})
+    for rtype, replica in ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).items():
+        template = (replica or {}).get("template") or {}
+        annotations = (template.get("metadata") or {}).get("annotations") or {}
+        if str(annotations.get("gke-gcsfuse/volumes")) != "true":
+            continue
+        here = prefix + ["spec", "pytorchReplicaSpecs", rtype, "template"]
+        if any(key.startswith("limits.") for key in hard):
+            for key in GCSFUSE_LIMIT_ANNOTATIONS:
+                if key not in annotations:
+                    yield doc.finding(here + ["metadata", "annotations", key], f"must be set: the GCS FUSE sidecar "
+                                      f"otherwise has no limit, and ResourceQuota of {namespace} limits limits.*")
+        account = (template.get("spec") or {}).get("serviceAccountName") or "default"
+        if namespace in profile_namespaces and account != WORKLOAD_IDENTITY_ACCOUNT:
+            yield doc.finding(here + ["spec", "serviceAccountName"], f"{account!r} has no Workload Identity: the GCS "
+                              f"FUSE sidecar needs {WORKLOAD_IDENTITY_ACCOUNT!r}, which the Profile configures")

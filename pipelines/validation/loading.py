@@ -121,25 +121,27 @@ def check_pins(directory: Path, label_of, out: Loaded) -> None:
             out.findings.append(Finding(label_of(where), "Kustomization", "", label_of(where), "resources", f"{entry}: {problem}"))
 
 
-def load_tree(root: Path, label_of, out: Loaded) -> None:
-    """Every kustomization under root: those that need the network have their refs checked,
-    the offline ones are rendered, once each (a kustomization included by another is skipped)."""
+def load_tree(root: Path, label_of, out: Loaded, render_remote: set[Path] = frozenset()) -> None:
+    """Every kustomization under root, once each (a kustomization included by another is skipped). Those that
+    need the network have their refs checked for pinning, and are rendered too when listed in render_remote
+    (with network access, or with git's url.<base>.insteadOf pointing their refs at local mirrors)."""
     dirs = sorted({p.parent for name in KUSTOMIZATION_FILES for p in root.rglob(name)})
-    offline, included = [], set()
+    targets, included = [], set()
     for directory in dirs:
         kustomization = _load_kustomization(directory)
         if kustomization.get("kind") == "Component":
             continue
-        if remote_entries(directory):
-            out.targets += 1
-            check_pins(directory, label_of, out)
+        targets.append(directory)
+        included.update((directory / e).resolve() for e in _entries(kustomization) if not is_remote(e))
+    for directory in targets:
+        if directory.resolve() in included:
             continue
-        offline.append(directory)
-        for entry in _entries(kustomization):
-            included.add((directory / entry).resolve())
-    for directory in offline:
-        if directory.resolve() not in included:
-            render(directory, label_of(directory), out)
+        if remote_entries(directory):
+            check_pins(directory, label_of, out)
+            if directory.resolve() not in {p.resolve() for p in render_remote}:
+                out.targets += 1
+                continue
+        render(directory, label_of(directory), out)
 
 
 def load_path(path: Path, label_of, out: Loaded) -> None:

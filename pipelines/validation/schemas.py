@@ -13,6 +13,7 @@ import kubernetes_validate
 import yaml
 
 from pipelines.validation.findings import Doc, Finding
+from trainer.errors import UserError
 
 KUBERNETES_VERSION = "1.32"
 # The CRD files are large; libyaml parses them many times faster than pure-Python PyYAML.
@@ -29,10 +30,8 @@ _KATIB_STUBS = {
 }
 
 
-class CrdDirError(ValueError):
+class CrdDirError(UserError):
     """The CRD directory is missing or incomplete: a user error."""
-
-    exit_code = 2
 
 
 def strict(schema: Any) -> Any:
@@ -53,7 +52,7 @@ def strict(schema: Any) -> Any:
 
 
 class SchemaSet:
-    """CRDs and the Katib swagger from one directory (ARRCOC_CRD_DIR or ../shared/crds)."""
+    """CRDs and the Katib swagger from one directory (ARRCOC_CRD_DIR, or .arrcoc/crds that `make crds` fills)."""
 
     def __init__(self, crd_dir: Path) -> None:
         if not crd_dir.is_dir():
@@ -65,20 +64,29 @@ class SchemaSet:
         self.scopes: dict[tuple[str, str], str] = {}  # (group, kind) -> Namespaced | Cluster
         for path in sorted(crd_dir.rglob("*.yaml")):
             for crd in yaml.load_all(path.read_text(), Loader=_LOADER):
-                if not crd or crd.get("kind") != "CustomResourceDefinition":
-                    continue
-                spec = crd["spec"]
-                kind = spec["names"]["kind"]
-                self.scopes[(spec["group"], kind)] = spec["scope"]
-                for version in spec["versions"]:
-                    if version.get("served", True):
-                        schema = version.get("schema", {}).get("openAPIV3Schema", {})
-                        self.crds[(spec["group"], version["name"], kind)] = schema
+                self.add_crd(crd)
         swagger = crd_dir / "katib-v0.19.0" / "swagger.json"
         if not swagger.is_file():
             raise CrdDirError(f"{swagger} is missing: set ARRCOC_CRD_DIR or run `make crds`")
         definitions = json.loads(swagger.read_text())["definitions"]
         self.katib_definitions = strict({**definitions, **_KATIB_STUBS})
+
+    def add_crd(self, crd: Any) -> None:
+        """Learn a CustomResourceDefinition (from the CRD directory, or one a rendered install carries itself)."""
+        if not isinstance(crd, dict) or crd.get("kind") != "CustomResourceDefinition":
+            return
+        spec = crd["spec"]
+        kind = spec["names"]["kind"]
+        self.scopes.setdefault((spec["group"], kind), spec["scope"])
+        for version in spec["versions"]:
+            if version.get("served", True):
+                schema = copy.deepcopy(version.get("schema", {}).get("openAPIV3Schema", {}))
+                if "properties" in schema:
+                    # The API server accepts these on every object whether or not a CRD's schema lists them
+                    # (Istio's CRDs describe only spec and status).
+                    for field, kind_of in (("apiVersion", "string"), ("kind", "string"), ("metadata", "object")):
+                        schema["properties"].setdefault(field, {"type": kind_of})
+                self.crds.setdefault((spec["group"], version["name"], kind), schema)
 
     @functools.lru_cache(maxsize=None)
     def _crd_validator(self, key: tuple[str, str, str]) -> jsonschema.protocols.Validator:
