@@ -27,6 +27,8 @@ from .data import SceneSource
 from .distributed import World, any_rank, barrier, init_world, shutdown
 from .evaluation import eval_source, evaluate, report, write_metrics
 from .model import ArrCoc, gumbel_noise
+from .vlm import ArrCocVLM, vlm_type
+from .vqa import VqaSource, budget_curve, write_budget_curve
 
 DEFAULT_DEEPSPEED_CONFIG = Path(__file__).with_name("ds_zero2.json")
 # 128 + SIGHUP: this replica lost its peers (a collective broke because another replica died). It is in
@@ -168,10 +170,15 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
         root.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)  # the trainable modules start identical on every rank
-    model = ArrCoc(cfg).to(world.device)
+    vlm = vlm_type(cfg.base_model) is not None  # a Qwen-VL folder: JSONL data, VQA evaluation (trainer/vlm.py)
+    model = (ArrCocVLM(cfg) if vlm else ArrCoc(cfg)).to(world.device)
     engine, optimizer, scheduler = build_optimization(model, cfg, world)
-    train_data = SceneSource(cfg.seed, 0, cfg.train_data)
-    evals = eval_source(cfg)
+    train_data = VqaSource(cfg.train_data, model.collate, cfg.max_bad_fraction) if vlm else SceneSource(
+        cfg.seed, 0, cfg.train_data)
+    evals = eval_source(cfg, model)
+    if vlm and world.is_main:
+        for source in (train_data, evals):
+            print(source.dataset.bad_summary(), file=sys.stderr, flush=True)
 
     start, history = 0, []
     src = resume_from(cfg, root)
@@ -186,10 +193,12 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
     model.train()
     for step in range(start, cfg.steps):
         first = (step * world.world_size + world.rank) * cfg.batch_size
-        batch = {k: torch.from_numpy(v).to(world.device)
-                 for k, v in train_data.batch(np.arange(first, first + cfg.batch_size)).items()}
+        batch = train_data.batch(np.arange(first, first + cfg.batch_size))
+        if not vlm:
+            batch = {k: torch.from_numpy(v).to(world.device) for k, v in batch.items()}
+        cells = max(batch["visual_counts"]) if vlm else cfg.grid * cfg.grid
         generator = torch.Generator().manual_seed(step_seed(cfg, step, world.rank))
-        noise = gumbel_noise(torch.Size((cfg.batch_size, cfg.grid * cfg.grid)), cfg, generator)
+        noise = gumbel_noise(torch.Size((cfg.batch_size, cells)), cfg, generator)
         loss = train_step(engine, model, optimizer, scheduler, batch, noise if noise is None else noise.to(world.device), cfg)
         samples += cfg.batch_size * world.world_size
         done = step + 1
@@ -220,6 +229,8 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
     # The loop evaluated and checkpointed at the last step (or a finished run was resumed: nothing to redo).
     if world.is_main:
         adapter = save_adapter(model, out)
+        if vlm and start < cfg.steps:
+            write_budget_curve(budget_curve(model, cfg, evals), out)
         elapsed = time.perf_counter() - began
         rate = samples / elapsed if samples else 0.0
         print(f"adapter: {adapter}\nmetrics: {out / 'metrics.json'}\nthroughput: {rate:.1f} samples/s",
