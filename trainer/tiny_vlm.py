@@ -12,6 +12,9 @@ from pathlib import Path
 import torch
 
 from .data import VOCAB
+# A frozen random LM at the default init (std 0.02) keeps every logit near zero and no LoRA can make it name an
+# answer; the wider init of the synthetic path's tiny LM gives the frozen head range (a pretrained base has it).
+from .model import TINY_LM_INIT_STD
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 SPECIALS = ["<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "[UNK]"]
@@ -36,10 +39,12 @@ def build_tiny_vlm(directory: str | Path, family: str = "qwen2_vl", hidden: int 
     rope = {"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 10000.0}
     text = dict(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_parameters=rope,
-                eos_token_id=0, pad_token_id=0, bos_token_id=0, tie_word_embeddings=False)
+                eos_token_id=0, pad_token_id=0, bos_token_id=0, tie_word_embeddings=False,
+                initializer_range=TINY_LM_INIT_STD)
     ids = dict(image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
                vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"])
-    vision = dict(depth=2, hidden_size=hidden, num_heads=2, patch_size=PATCH, spatial_merge_size=2)
+    vision = dict(depth=2, hidden_size=hidden, num_heads=2, patch_size=PATCH, spatial_merge_size=2,
+                  initializer_range=TINY_LM_INIT_STD)
     if family == "qwen2_vl":
         from transformers import Qwen2VLConfig as Config
         from transformers import Qwen2VLForConditionalGeneration as Model

@@ -17,6 +17,7 @@ visual_pos_masks / deepstack_visual_embeds (models/qwen3_vl/modeling_qwen3_vl.py
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -106,20 +107,27 @@ class VlmCollator:
 
         processed = self.image_processor(images=[s["pixels"] for s in samples], return_tensors="pt")
         grid_thw = processed["image_grid_thw"]
-        rows, texture, entropy, edges, truth, counts = [], [], [], [], [], []
-        for sample, (t, h, w) in zip(samples, grid_thw.tolist()):
+        rows, truth, counts = [], [], []
+        texture, entropy, edges = ([None] * len(samples) for _ in range(3))
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, (sample, (t, h, w)) in enumerate(zip(samples, grid_thw.tolist())):
             gh, gw = h // self.merge, w // self.merge
-            n = t * gh * gw
-            counts.append(n)
-            height, width = h * self.patch, w * self.patch  # the size the processor resized the image to
-            image = cv2.resize(sample["pixels"], (width, height), interpolation=cv2.INTER_AREA)
-            feats = cell_features(torch.from_numpy(image)[None], (gh, gw))
-            texture.append(feats.texture[0].flatten(1).t())
-            entropy.append(feats.entropy[0].flatten())
-            edges.append(feats.edges[0].flatten())
-            truth.append(self._truth(sample, height, width, gh, gw))
+            counts.append(t * gh * gw)
+            by_size.setdefault((h, w), []).append(i)
+            truth.append(self._truth(sample, h * self.patch, w * self.patch, gh, gw))
+        for (h, w), members in by_size.items():  # one texture pass per image size the processor produced
+            height, width = h * self.patch, w * self.patch  # the size the processor resized these images to
+            images = np.stack([cv2.resize(samples[i]["pixels"], (width, height), interpolation=cv2.INTER_AREA)
+                               for i in members])
+            feats = cell_features(torch.from_numpy(images), (h // self.merge, w // self.merge))
+            for j, i in enumerate(members):
+                texture[i] = feats.texture[j].flatten(1).t()
+                entropy[i] = feats.entropy[j].flatten()
+                edges[i] = feats.edges[j].flatten()
+        for sample, n in zip(samples, counts):
             question = self.tokenizer(PROMPT.format(question=sample["question"]), add_special_tokens=False).input_ids
-            answer = self.tokenizer(" " + sample["answers"][0], add_special_tokens=False).input_ids + [self.eos]
+            target = Counter(sample["answers"]).most_common(1)[0][0]  # the annotators' majority answer
+            answer = self.tokenizer(" " + target, add_special_tokens=False).input_ids + [self.eos]
             rows.append(([self.start] + [self.image_token] * n + [self.end] + question, answer))
         length = max(len(p) + len(a) for p, a in rows)
         ids = torch.full((len(rows), length), self.eos, dtype=torch.long)
