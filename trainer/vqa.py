@@ -75,8 +75,11 @@ def _check(record, root: Path, sizes: dict[Path, tuple[int, int] | None]) -> str
 
 
 def load_jsonl(path: str | Path, max_bad_fraction: float) -> tuple[list[dict], Counter]:
-    """The good examples of a JSONL file (image paths made absolute) and the count of bad ones per reason."""
+    """The good examples of a JSONL file (image paths made absolute) and the count of bad ones per reason.
+    A directory means its data.jsonl (what prepare-data writes)."""
     path = Path(path)
+    if path.is_dir():
+        path = path / "data.jsonl"
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
