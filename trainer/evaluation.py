@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
-from .data import EVAL_OFFSET, SceneSource, write_json_atomic
+from .data import EVAL_OFFSET, SceneSource
+from .files import write_json_atomic
 
 METRICS = ("relevance_score", "recall_at_k", "answer_accuracy", "eval_loss")
 

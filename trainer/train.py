@@ -229,11 +229,12 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
     # The loop evaluated and checkpointed at the last step (or a finished run was resumed: nothing to redo).
     if world.is_main:
         adapter = save_adapter(model, out)
-        if vlm and start < cfg.steps:
-            write_budget_curve(budget_curve(model, cfg, evals), out)
         elapsed = time.perf_counter() - began
         rate = samples / elapsed if samples else 0.0
         print(f"adapter: {adapter}\nmetrics: {out / 'metrics.json'}\nthroughput: {rate:.1f} samples/s",
               file=sys.stderr, flush=True)
+        if vlm and start < cfg.steps:  # accuracy vs visual-token budget, with its baselines (trainer/vqa.py)
+            write_budget_curve(budget_curve(model, cfg, evals), out)
+            print(f"budget curve: {out / 'budget_curve.png'}", file=sys.stderr, flush=True)
     barrier(world)
     return 0
