@@ -111,11 +111,15 @@ def test_budget_curve_table_and_png(world, tmp_path):
     assert json.loads((tmp_path / "budget_curve.json").read_text()) == curve
 
 
-def _train(world, out, *extra, family="qwen2_vl", steps=8, env=None):
+def _args(world, out, steps=4, family="qwen2_vl"):
     root, train, evals = world
-    return run_trainer("--base-model", str(root / family), "--train-data", str(train), "--eval-data", str(evals),
-                       "--steps", str(steps), "--batch-size", "4", "--eval-size", "8", "--eval-every", "4",
-                       "--checkpoint-every", "4", "--budget-curve", "0.25", "--out", str(out), *extra, env=env)
+    return ["--base-model", str(root / family), "--train-data", str(train), "--eval-data", str(evals),
+            "--steps", str(steps), "--batch-size", "2", "--eval-size", "2", "--eval-every", "2",
+            "--checkpoint-every", "2", "--budget-curve", "0.25", "--out", str(out)]
+
+
+def _train(world, out, *extra, steps=4):
+    return run_trainer(*_args(world, out, steps), *extra)
 
 
 def test_training_reports_vqa_lines_and_resumes_exactly_after_sigterm(world, tmp_path):
@@ -123,24 +127,20 @@ def test_training_reports_vqa_lines_and_resumes_exactly_after_sigterm(world, tmp
     result = _train(world, straight)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line.split("=")[0] for line in result.stdout.splitlines() if "=" in line]
-    assert lines == ["vqa_accuracy", "relevance_score", "visual_tokens", "eval_loss"] * 2
+    assert lines == ["vqa_accuracy", "relevance_score", "visual_tokens", "eval_loss"] * 2  # steps 2 and 4
     assert (straight / "budget_curve.png").is_file() and (straight / "adapter" / "arrcoc_modules.pt").is_file()
 
-    root, train, evals = world
     interrupted = tmp_path / "interrupted"
-    args = ["--base-model", str(root / "qwen2_vl"), "--train-data", str(train), "--eval-data", str(evals),
-            "--steps", "8", "--batch-size", "4", "--eval-size", "8", "--eval-every", "4", "--checkpoint-every", "4",
-            "--budget-curve", "0.25", "--out", str(interrupted)]
-    proc = subprocess.Popen(trainer_cmd(*args), cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:  # the first evaluation (step 4) is printed: we are midway
+    proc = subprocess.Popen(trainer_cmd(*_args(world, interrupted)), cwd=REPO, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the first evaluation (step 2) is printed: we are midway
         if line.startswith("eval_loss="):
             break
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     stopped = int(err.split("after step ")[1].split(";")[0])
-    assert 4 <= stopped < 8
+    assert 2 <= stopped < 4
     resumed = _train(world, interrupted)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {stopped}" in resumed.stderr
@@ -149,16 +149,26 @@ def test_training_reports_vqa_lines_and_resumes_exactly_after_sigterm(world, tmp
 
 def test_two_processes_with_the_operator_env(world, tmp_path):
     """What the Training Operator injects for one process per pod (no LOCAL_RANK), on the Qwen-VL path."""
-    root, train, evals = world
     out = tmp_path / "ddp"
     port = str(free_port())
-    args = ["--base-model", str(root / "qwen2_5_vl"), "--train-data", str(train), "--eval-data", str(evals),
-            "--steps", "4", "--batch-size", "2", "--eval-size", "4", "--eval-every", "4", "--budget-curve", "0.25",
-            "--out", str(out)]
-    procs = [subprocess.Popen(trainer_cmd(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    procs = [subprocess.Popen(trainer_cmd(*_args(world, out, family="qwen2_5_vl")), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(r)))
              for r in (0, 1)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "vqa_accuracy=" in outs[0][0] and "vqa_accuracy=" not in outs[1][0]
-    assert read_metrics(out)["step"] == 4
+    assert read_metrics(out)["step"] == 4 and (out / "budget_curve.png").is_file()
+
+
+def test_evaluate_step_shows_the_budget_curve(world, tmp_path):
+    from pipelines.components.scoring import evaluate_adapter
+
+    out = tmp_path / "run"
+    result = _train(world, out, steps=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = write_scene_jsonl(tmp_path / "eval", 4, seed=1, offset=2_000_000)  # what prepare-data writes
+    values, baseline, page, summary, _ = evaluate_adapter(out / "adapter", evals.parent, 2, 0.1)
+    assert {"vqa_accuracy", "relevance_score", "visual_tokens", "vqa_accuracy_all_tokens"} <= set(values)
+    assert "vqa_accuracy_budget_0.25_uniform" in values and "vqa_accuracy" in baseline
+    assert "VQA accuracy vs visual-token budget" in page and "data:image/png;base64," in page
+    assert "| ARR-COC | random | uniform | all tokens |" in summary
