@@ -122,6 +122,7 @@ def _train(world, out, *extra, steps=4):
     return run_trainer(*_args(world, out, steps), *extra)
 
 
+@pytest.mark.slow  # three trainer processes; the synthetic path's twin of this test runs in make test
 def test_training_reports_vqa_lines_and_resumes_exactly_after_sigterm(world, tmp_path):
     straight = tmp_path / "straight"
     result = _train(world, straight)
@@ -147,13 +148,14 @@ def test_training_reports_vqa_lines_and_resumes_exactly_after_sigterm(world, tmp
     assert read_metrics(interrupted) == read_metrics(straight)
 
 
+@pytest.mark.slow  # two trainer processes; the synthetic path's twin of this test runs in make test
 def test_two_processes_with_the_operator_env(world, tmp_path):
     """What the Training Operator injects for one process per pod (no LOCAL_RANK), on the Qwen-VL path."""
     out = tmp_path / "ddp"
     port = str(free_port())
-    procs = [subprocess.Popen(trainer_cmd(*_args(world, out, family="qwen2_5_vl")), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(r)))
-             for r in (0, 1)]
+    envs = [clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(r)) for r in (0, 1)]
+    procs = [subprocess.Popen(trainer_cmd(*_args(world, out, family="qwen2_5_vl")), cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for env in envs]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "vqa_accuracy=" in outs[0][0] and "vqa_accuracy=" not in outs[1][0]

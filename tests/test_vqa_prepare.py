@@ -49,7 +49,8 @@ def test_gqa_folder_with_scene_graph_boxes(tmp_path):
         (d / "questions.json").write_text(json.dumps({"q1": {
             "imageId": "n1", "question": "What color is the cup?", "answer": "blue",
             "annotations": {"question": {"4": "100"}, "answer": {}, "fullAnswer": {"1": "100"}}}}))
-        (d / "scene_graphs.json").write_text(json.dumps({"n1": {"objects": {"100": {"x": 2, "y": 3, "w": 10, "h": 5}}}}))
+        graph = {"n1": {"objects": {"100": {"x": 2, "y": 3, "w": 10, "h": 5}}}}
+        (d / "scene_graphs.json").write_text(json.dumps(graph))
         _image(d / "images" / "n1.jpg")
     prepare(f"gqa:{tmp_path / 'gqa'}", 0, 5, 5, tmp_path / "t", tmp_path / "e")
     good, bad = load_jsonl(tmp_path / "t", 0.0)

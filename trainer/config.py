@@ -84,8 +84,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name}={value} is outside the allowed range [0, 1]")
-        for name in ("steps", "batch_size", "eval_every", "eval_size", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "max_answer_tokens"):
+        for name in ("steps", "batch_size", "eval_every", "eval_size", "checkpoint_every", "keep_checkpoints",
+                     "log_every", "max_answer_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.lr <= 0:
@@ -97,8 +97,9 @@ class TrainConfig:
         if not 1 <= self.k_min <= self.k_max <= self.grid * self.grid:
             raise ConfigError(f"k_min={self.k_min}, k_max={self.k_max} must satisfy 1 <= k_min <= k_max <= {self.grid ** 2}")
         if self.token_budget < 0 or not 0 < self.token_fraction <= 1 or not 0 <= self.max_bad_fraction <= 1:
-            raise ConfigError(f"token_budget={self.token_budget}, token_fraction={self.token_fraction}, max_bad_fraction="
-                              f"{self.max_bad_fraction}: need token_budget >= 0 and fractions in (0, 1] / [0, 1]")
+            raise ConfigError(f"token_budget={self.token_budget}, token_fraction={self.token_fraction}, "
+                              f"max_bad_fraction={self.max_bad_fraction}: need token_budget >= 0, token_fraction "
+                              f"in (0, 1], max_bad_fraction in [0, 1]")
         try:
             curve = [float(v) for v in self.budget_curve.split(",") if v.strip()]
         except ValueError:

@@ -274,7 +274,8 @@ def budget_curve(model, cfg, source: VqaSource) -> dict:
 
 def curve_table(curve: dict) -> str:
     """The curve as a Markdown table."""
-    lines = ["| token fraction | visual tokens | ARR-COC | random | uniform | all tokens |", "|---|---|---|---|---|---|"]
+    lines = ["| token fraction | visual tokens | ARR-COC | random | uniform | all tokens |",
+             "|---|---|---|---|---|---|"]
     for row in curve["rows"]:
         lines.append(f"| {row['fraction']:.4g} | {row['visual_tokens']:.1f} | {row['relevance']:.3f} | "
                      f"{row['random']:.3f} | {row['uniform']:.3f} | {curve['all_tokens']:.3f} |")
