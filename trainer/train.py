@@ -35,7 +35,8 @@ DEFAULT_DEEPSPEED_CONFIG = Path(__file__).with_name("ds_zero2.json")
 # 128-255 so that restartPolicy ExitCode retries it, as it does for the replica that was killed.
 PEER_LOST_EXIT = 129
 # Fields that may change between an interrupted run and its resumption; anything else must match.
-RUN_CONTROL = {"steps", "eval_every", "eval_size", "checkpoint_every", "keep_checkpoints", "log_every", "out", "resume"}
+RUN_CONTROL = {"steps", "eval_every", "eval_size", "checkpoint_every", "keep_checkpoints", "log_every", "out", "resume",
+               "budget_curve", "max_answer_tokens"}
 
 
 def lr_lambda(cfg: TrainConfig):
