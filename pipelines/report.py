@@ -92,8 +92,27 @@ def _fmt(value: object) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def budget_curve_section(curve: Mapping) -> str:
+    """The accuracy vs visual-token budget curve (trainer.vqa.budget_curve): its PNG and its table."""
+    from trainer.vqa import curve_png
+
+    data = base64.b64encode(curve_png(curve)).decode("ascii")
+    head = ("token fraction", "visual tokens", "ARR-COC", "random", "uniform (strided)", "all tokens")
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{v}</td>" for v in (f"{r['fraction']:g}", f"{r['visual_tokens']:.1f}",
+                                                   f"{r['relevance']:.3f}", f"{r['random']:.3f}",
+                                                   f"{r['uniform']:.3f}", f"{curve['all_tokens']:.3f}")) + "</tr>"
+        for r in curve["rows"])
+    return ("<h2>VQA accuracy vs visual-token budget</h2>"
+            "<p>The same eval questions answered with the LM reading only the kept visual tokens: chosen by the "
+            "adapter, at random, or evenly strided; the line is every token (the upper bound).</p>"
+            f'<figure><img src="data:image/png;base64,{data}" alt="accuracy vs visual-token budget"></figure>'
+            "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + f"</tr>{rows}</table>")
+
+
 def html_report(metrics: Mapping[str, float], baseline: Mapping[str, float], tensions: Mapping[str, float],
-                facts: Mapping[str, object], scene_rows: Sequence[Row], folder_rows: Sequence[Row]) -> str:
+                facts: Mapping[str, object], scene_rows: Sequence[Row], folder_rows: Sequence[Row],
+                budget_curve: Mapping | None = None) -> str:
     """The whole page; every picture is embedded (the KFP UI shows an HTML artifact as a single file)."""
     def figures(rows: Sequence[Row]) -> str:
         out = []
@@ -116,8 +135,11 @@ def html_report(metrics: Mapping[str, float], baseline: Mapping[str, float], ten
         "<h2>Metrics (eval set)</h2>", _table(metric_rows),
         "<h2>Tensions</h2>", _table([(k, _fmt(v)) for k, v in tensions.items()]),
         "<h2>Run</h2>", _table([(k, _fmt(v)) for k, v in facts.items()]),
-        f"<h2>Eval scenes ({len(scene_rows)})</h2>", figures(scene_rows),
     ]
+    if budget_curve:
+        parts.append(budget_curve_section(budget_curve))
+    if scene_rows or not budget_curve:
+        parts += [f"<h2>Eval scenes ({len(scene_rows)})</h2>", figures(scene_rows)]
     if folder_rows:
         parts += [f"<h2>Image folder ({len(folder_rows)} queries)</h2>",
                   "<p>These images have no queries and no ground truth: each is shown under every colour query; "
@@ -127,7 +149,7 @@ def html_report(metrics: Mapping[str, float], baseline: Mapping[str, float], ten
 
 
 def markdown_summary(metrics: Mapping[str, float], baseline: Mapping[str, float], tensions: Mapping[str, float],
-                     threshold: float) -> str:
+                     threshold: float, budget_curve: Mapping | None = None) -> str:
     score = metrics["relevance_score"]
     verdict = "passes" if score >= threshold else "does not pass"
     lines = [
@@ -144,4 +166,8 @@ def markdown_summary(metrics: Mapping[str, float], baseline: Mapping[str, float]
         *[f"| {name} | {value:g} |" for name, value in tensions.items()],
         "",
     ]
+    if budget_curve:
+        from trainer.vqa import curve_table
+
+        lines += ["## VQA accuracy vs visual-token budget", "", curve_table(budget_curve)]
     return "\n".join(lines)

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import write_json_atomic
+    from .files import write_json_atomic
     from .evaluation import eval_source, evaluate, report
     from .model import AdapterError, ArrCoc
 
@@ -38,10 +38,13 @@ def run(args: argparse.Namespace) -> int:
         model = ArrCoc.from_adapter(Path(args.adapter), **overrides)
         cfg = model.cfg.validate()
     else:
+        from .vlm import ArrCocVLM, vlm_type
+
         cfg = config_from_args(args)
         torch.manual_seed(cfg.seed)  # the trainer's step-0 initialisation
-        model = ArrCoc(cfg)
-    metrics = evaluate(model, cfg, eval_source(cfg), torch.device("cpu"), random_allocation=args.random_allocation)
+        model = ArrCocVLM(cfg) if vlm_type(cfg.base_model) else ArrCoc(cfg)
+    metrics = evaluate(model, cfg, eval_source(cfg, model), torch.device("cpu"),
+                       random_allocation=args.random_allocation)
     report(metrics)
     if args.json:
         write_json_atomic(Path(args.json), metrics)

@@ -66,6 +66,12 @@ class TrainConfig:
     tiny_hidden: int = 64
     tiny_layers: int = 2
     tiny_heads: int = 4
+    # Qwen-VL base (--base-model a Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder; data: JSONL files, trainer/vqa.py)
+    token_budget: int = 0  # visual tokens the LM reads per image; 0: token_fraction of the image's tokens
+    token_fraction: float = 0.25
+    max_bad_fraction: float = 0.01  # more bad examples than this in a data file stops the run
+    max_answer_tokens: int = 4  # greedy generation length at evaluation
+    budget_curve: str = "0.0625,0.125,0.25,0.5"  # token fractions of the accuracy-vs-budget curve
 
     def tensions(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in TENSIONS}
@@ -78,7 +84,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name}={value} is outside the allowed range [0, 1]")
-        for name in ("steps", "batch_size", "eval_every", "eval_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+        for name in ("steps", "batch_size", "eval_every", "eval_size", "checkpoint_every", "keep_checkpoints",
+                     "log_every", "max_answer_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.lr <= 0:
@@ -89,6 +96,16 @@ class TrainConfig:
             raise ConfigError(f"resume={self.resume!r} must be auto, never or an existing checkpoint directory")
         if not 1 <= self.k_min <= self.k_max <= self.grid * self.grid:
             raise ConfigError(f"k_min={self.k_min}, k_max={self.k_max} must satisfy 1 <= k_min <= k_max <= {self.grid ** 2}")
+        if self.token_budget < 0 or not 0 < self.token_fraction <= 1 or not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"token_budget={self.token_budget}, token_fraction={self.token_fraction}, "
+                              f"max_bad_fraction={self.max_bad_fraction}: need token_budget >= 0, token_fraction "
+                              f"in (0, 1], max_bad_fraction in [0, 1]")
+        try:
+            curve = [float(v) for v in self.budget_curve.split(",") if v.strip()]
+        except ValueError:
+            curve = [-1.0]
+        if not curve or not all(0 < v <= 1 for v in curve):
+            raise ConfigError(f"budget_curve={self.budget_curve!r} must be comma-separated token fractions in (0, 1]")
         if self.image_size % self.grid:
             raise ConfigError(f"image_size={self.image_size} must be a multiple of grid={self.grid}")
         return self

@@ -12,12 +12,18 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
-from .data import EVAL_OFFSET, SceneSource, write_json_atomic
+from .data import EVAL_OFFSET, SceneSource
+from .files import write_json_atomic
 
 METRICS = ("relevance_score", "recall_at_k", "answer_accuracy", "eval_loss")
 
 
-def eval_source(cfg: TrainConfig) -> SceneSource:
+def eval_source(cfg: TrainConfig, model=None):
+    """The eval set: the synthetic eval stream or a prepared directory, or for a Qwen-VL model its JSONL file."""
+    if hasattr(model, "collate"):
+        from .vqa import VqaSource
+
+        return VqaSource(cfg.eval_data, model.collate, cfg.max_bad_fraction)
     return SceneSource(cfg.seed, EVAL_OFFSET, cfg.eval_data)
 
 
@@ -26,6 +32,10 @@ def evaluate(model, cfg: TrainConfig, source: SceneSource, device: torch.device,
              random_allocation: bool = False) -> dict[str, float]:
     """Mean metrics over samples 0..eval_size-1 of the eval stream. No noise, no RNG use, except the
     random-allocation baseline, which draws its relevance from its own generator seeded by cfg.seed."""
+    if hasattr(model, "collate"):  # a Qwen-VL model: generated answers, VQA soft accuracy (trainer/vqa.py)
+        from .vqa import evaluate_vqa
+
+        return evaluate_vqa(model, cfg, source, "random" if random_allocation else "relevance")
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -49,8 +59,8 @@ def evaluate(model, cfg: TrainConfig, source: SceneSource, device: torch.device,
 
 def report(metrics: dict[str, float], stream=None) -> None:
     stream = stream or sys.stdout
-    for name in METRICS:
-        print(f"{name}={metrics[name]:.6f}", file=stream)
+    for name, value in metrics.items():  # METRICS on the synthetic path; vqa_accuracy, ... on the Qwen-VL one
+        print(f"{name}={value:.6f}", file=stream)
     stream.flush()
 
 

@@ -246,7 +246,9 @@ class ArrCoc(nn.Module):
         except (OSError, json.JSONDecodeError) as exc:
             raise AdapterError(f"adapter {directory}: no readable {ADAPTER_CONFIG} ({exc})") from None
         cfg = TrainConfig(**{**values, **overrides})
-        model = cls(cfg, adapter_dir=directory)
+        from .vlm import ArrCocVLM, vlm_type
+
+        model = (ArrCocVLM if vlm_type(cfg.base_model) else cls)(cfg, adapter_dir=directory)
         modules = torch.load(directory / ADAPTER_MODULES, map_location="cpu", weights_only=True)
         model.load_state_dict(modules, strict=False)
         return model

@@ -78,8 +78,10 @@ def _srgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     return torch.stack([lightness, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], dim=1)
 
 
-def cell_features(images: torch.Tensor, grid: int = 8) -> CellFeatures:
-    """images: [B,H,W,3] uint8 (or float in [0,255]) -> CellFeatures. No gradients flow here."""
+def cell_features(images: torch.Tensor, grid: int | tuple[int, int] = 8) -> CellFeatures:
+    """images: [B,H,W,3] uint8 (or float in [0,255]) -> CellFeatures. No gradients flow here.
+    grid: G for a GxG grid, or (rows, cols) for a Qwen-VL merged-token grid of a non-square image."""
+    rows, cols = (grid, grid) if isinstance(grid, int) else grid
     b, h, w, _ = images.shape
     rgb = images.permute(0, 3, 1, 2).float() / 255.0
     gray = (rgb * rgb.new_tensor(_GRAY).view(1, 3, 1, 1)).sum(1, keepdim=True)
@@ -96,13 +98,13 @@ def cell_features(images: torch.Tensor, grid: int = 8) -> CellFeatures:
         lab[:, 0] / 100.0, lab[:, 1] / 255.0 + 0.5, lab[:, 2] / 255.0 + 0.5,
         gx[:, 0].abs(), gy[:, 0].abs(), yy, xx, ecc, torch.zeros_like(yy), saturation,
     ], dim=1)
-    ch, cw = h // grid, w // grid
+    ch, cw = h // rows, w // cols
     texture = F.avg_pool2d(pixels, (ch, cw))
-    gray_cells = gray[:, 0].reshape(b, grid, ch, grid, cw)
+    gray_cells = gray[:, 0].reshape(b, rows, ch, cols, cw)
     texture[:, 11] = gray_cells.std(dim=(2, 4), unbiased=False)
     bins = (gray_cells * ENTROPY_BINS).long().clamp(0, ENTROPY_BINS - 1)
     hist = F.one_hot(bins, ENTROPY_BINS).float().mean(dim=(2, 4))  # [B,G,G,bins]
     entropy = -(hist * hist.clamp_min(1e-12).log()).sum(-1) / np.log(ENTROPY_BINS)
     edges = F.avg_pool2d(torch.sqrt(gx ** 2 + gy ** 2), (ch, cw))[:, 0]
-    cells = rgb.reshape(b, 3, grid, ch, grid, cw).permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, 3, ch, cw)
+    cells = rgb.reshape(b, 3, rows, ch, cols, cw).permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, 3, ch, cw)
     return CellFeatures(texture, entropy, edges, cells)

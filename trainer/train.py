@@ -27,13 +27,16 @@ from .data import SceneSource
 from .distributed import World, any_rank, barrier, init_world, shutdown
 from .evaluation import eval_source, evaluate, report, write_metrics
 from .model import ArrCoc, gumbel_noise
+from .vlm import ArrCocVLM, vlm_type
+from .vqa import VqaSource, budget_curve, write_budget_curve
 
 DEFAULT_DEEPSPEED_CONFIG = Path(__file__).with_name("ds_zero2.json")
 # 128 + SIGHUP: this replica lost its peers (a collective broke because another replica died). It is in
 # 128-255 so that restartPolicy ExitCode retries it, as it does for the replica that was killed.
 PEER_LOST_EXIT = 129
 # Fields that may change between an interrupted run and its resumption; anything else must match.
-RUN_CONTROL = {"steps", "eval_every", "eval_size", "checkpoint_every", "keep_checkpoints", "log_every", "out", "resume"}
+RUN_CONTROL = {"steps", "eval_every", "eval_size", "checkpoint_every", "keep_checkpoints", "log_every", "out", "resume",
+               "budget_curve", "max_answer_tokens"}
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -168,10 +171,15 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
         root.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)  # the trainable modules start identical on every rank
-    model = ArrCoc(cfg).to(world.device)
+    vlm = vlm_type(cfg.base_model) is not None  # a Qwen-VL folder: JSONL data, VQA evaluation (trainer/vlm.py)
+    model = (ArrCocVLM(cfg) if vlm else ArrCoc(cfg)).to(world.device)
     engine, optimizer, scheduler = build_optimization(model, cfg, world)
-    train_data = SceneSource(cfg.seed, 0, cfg.train_data)
-    evals = eval_source(cfg)
+    train_data = VqaSource(cfg.train_data, model.collate, cfg.max_bad_fraction) if vlm else SceneSource(
+        cfg.seed, 0, cfg.train_data)
+    evals = eval_source(cfg, model)
+    if vlm and world.is_main:
+        for source in (train_data, evals):
+            print(source.dataset.bad_summary(), file=sys.stderr, flush=True)
 
     start, history = 0, []
     src = resume_from(cfg, root)
@@ -186,10 +194,12 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
     model.train()
     for step in range(start, cfg.steps):
         first = (step * world.world_size + world.rank) * cfg.batch_size
-        batch = {k: torch.from_numpy(v).to(world.device)
-                 for k, v in train_data.batch(np.arange(first, first + cfg.batch_size)).items()}
+        batch = train_data.batch(np.arange(first, first + cfg.batch_size))
+        if not vlm:
+            batch = {k: torch.from_numpy(v).to(world.device) for k, v in batch.items()}
+        cells = max(batch["visual_counts"]) if vlm else cfg.grid * cfg.grid
         generator = torch.Generator().manual_seed(step_seed(cfg, step, world.rank))
-        noise = gumbel_noise(torch.Size((cfg.batch_size, cfg.grid * cfg.grid)), cfg, generator)
+        noise = gumbel_noise(torch.Size((cfg.batch_size, cells)), cfg, generator)
         loss = train_step(engine, model, optimizer, scheduler, batch, noise if noise is None else noise.to(world.device), cfg)
         samples += cfg.batch_size * world.world_size
         done = step + 1
@@ -224,5 +234,8 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
         rate = samples / elapsed if samples else 0.0
         print(f"adapter: {adapter}\nmetrics: {out / 'metrics.json'}\nthroughput: {rate:.1f} samples/s",
               file=sys.stderr, flush=True)
+        if vlm and start < cfg.steps:  # accuracy vs visual-token budget, with its baselines (trainer/vqa.py)
+            write_budget_curve(budget_curve(model, cfg, evals), out)
+            print(f"budget curve: {out / 'budget_curve.png'}", file=sys.stderr, flush=True)
     barrier(world)
     return 0

@@ -40,7 +40,8 @@ def read_folder(folder: str | Path, size: int = 64) -> tuple[np.ndarray, list[st
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise PrepareError(f"source {str(folder)!r} is neither {SYNTHETIC!r} nor an existing image folder")
+        raise PrepareError(f"source {str(folder)!r} is neither {SYNTHETIC!r} nor an existing image folder "
+                           f"(or {VQA_SYNTHETIC!r}, vqav2:DIR, gqa:DIR for a Qwen-VL base)")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise PrepareError(f"source {folder}: no image files (allowed: {', '.join(IMAGE_SUFFIXES)})")
@@ -71,6 +72,107 @@ def read_folder(folder: str | Path, size: int = 64) -> tuple[np.ndarray, list[st
     return np.stack(images), names, unreadable
 
 
+# --- image-question-answer sources for a Qwen-VL base: JSONL in trainer.vqa's format ----------------------
+# source "vqa-synthetic": the synthetic scenes as PNG + JSONL (the tiny-VLM rehearsal).
+# source "vqav2:DIR" / "gqa:DIR": DIR holds train/ and eval/, each with the format's files and an images/ folder:
+#   VQAv2: questions.json ({"questions": [{question_id, image_id, question}], "data_subtype": "train2014"}) and
+#          annotations.json ({"annotations": [{question_id, answers: [{answer}]}]}); images named as COCO's
+#          (COCO_<data_subtype>_<image_id:012d>.jpg).
+#   GQA:   questions.json ({qid: {imageId, question, answer, annotations}}) and optional scene_graphs.json
+#          ({imageId: {objects: {id: {x, y, w, h}}}}): the objects the question and answer refer to are the boxes.
+# The JSONL's image paths point back into DIR (relative to the JSONL file), so images are not copied: the
+# trainer must see DIR at the same path (the bucket mount) as this step.
+VQA_SYNTHETIC = "vqa-synthetic"
+VQA_FORMATS = ("vqav2", "gqa")
+VQA_FILE = "data.jsonl"
+
+
+def _load_json(path: Path) -> Any:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PrepareError(f"{path}: cannot read as JSON ({exc.__class__.__name__})") from None
+
+
+def vqav2_records(split_dir: Path) -> list[dict]:
+    questions = _load_json(split_dir / "questions.json")
+    annotations = _load_json(split_dir / "annotations.json")
+    try:
+        subtype = questions.get("data_subtype", "")
+        answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in annotations["annotations"]}
+        return [{"image": f"images/COCO_{subtype}_{q['image_id']:012d}.jpg", "question": q["question"],
+                 "answers": answers.get(q["question_id"], [])} for q in questions["questions"]]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise PrepareError(f"{split_dir}: not VQAv2 questions/annotations files (missing {exc})") from None
+
+
+def gqa_records(split_dir: Path) -> list[dict]:
+    questions = _load_json(split_dir / "questions.json")
+    graphs_path = split_dir / "scene_graphs.json"
+    graphs = _load_json(graphs_path) if graphs_path.is_file() else {}
+    records = []
+    try:
+        for q in questions.values():
+            objects = graphs.get(q["imageId"], {}).get("objects", {})
+            refs = set()
+            for part in (q.get("annotations") or {}).values():
+                refs.update(str(v) for v in part.values())
+            boxes = [[o["x"], o["y"], o["x"] + o["w"], o["y"] + o["h"]]
+                     for ref in sorted(refs) if (o := objects.get(ref))]
+            record = {"image": f"images/{q['imageId']}.jpg", "question": q["question"], "answers": [q["answer"]]}
+            if boxes:
+                record["boxes"] = boxes
+            records.append(record)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise PrepareError(f"{split_dir}: not a GQA questions file (missing {exc})") from None
+    return records
+
+
+def _write_vqa_jsonl(records: list[dict], split_dir: Path, out_dir: Path) -> Path:
+    import json
+    import os
+
+    from trainer.files import write_text_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = Path(os.path.relpath(split_dir.resolve(), out_dir.resolve()))
+    lines = [json.dumps({**r, "image": str(prefix / r["image"])}) for r in records]
+    return write_text_atomic(out_dir / VQA_FILE, "".join(line + "\n" for line in lines))
+
+
+def prepare_vqa(source: str, seed: int, train_size: int, eval_size: int, train_dir: str | Path,
+                eval_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The JSONL sources: synthetic scenes as PNG files, or a VQAv2 / GQA folder converted (at most
+    train_size / eval_size examples each)."""
+    from trainer.files import write_json_atomic
+    from trainer.vqa import write_scene_jsonl
+
+    train_dir, eval_dir = Path(train_dir), Path(eval_dir)
+    common = {"source": source, "seed": seed, "format": f"trainer.vqa JSONL ({VQA_FILE})"}
+    if source == VQA_SYNTHETIC:
+        write_scene_jsonl(train_dir, train_size, seed)
+        write_scene_jsonl(eval_dir, eval_size, seed, offset=1_000_000_000)
+        metas = ({**common, "split": "train", "count": train_size}, {**common, "split": "eval", "count": eval_size})
+    else:
+        kind, _, folder = source.partition(":")
+        reader = {"vqav2": vqav2_records, "gqa": gqa_records}[kind]
+        # convert both splits before writing either: a bad source leaves nothing behind
+        splits = [(Path(folder) / name, reader(Path(folder) / name)[:size])
+                  for name, size in (("train", train_size), ("eval", eval_size))]
+        for (split_dir, records), out in zip(splits, (train_dir, eval_dir)):
+            if not records:
+                raise PrepareError(f"source {source}: {split_dir} has no questions")
+        metas = []
+        for (split_dir, records), out, split in zip(splits, (train_dir, eval_dir), ("train", "eval")):
+            _write_vqa_jsonl(records, split_dir, out)
+            metas.append({**common, "split": split, "count": len(records), "images": str(split_dir / "images")})
+    for meta, out in zip(metas, (train_dir, eval_dir)):
+        write_json_atomic(out / "metadata.json", meta)
+    return metas[0], metas[1]
+
+
 def prepare(source: str, seed: int, train_size: int, eval_size: int, train_dir: str | Path,
             eval_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Write the two dataset directories; returns their metadata (also in each directory's metadata.json)."""
@@ -80,6 +182,8 @@ def prepare(source: str, seed: int, train_size: int, eval_size: int, train_dir: 
         if int(value) <= 0:
             raise PrepareError(f"{name}={value} must be a positive integer")
     train_size, eval_size, seed = int(train_size), int(eval_size), int(seed)
+    if source == VQA_SYNTHETIC or source.partition(":")[0] in VQA_FORMATS:
+        return prepare_vqa(source, seed, train_size, eval_size, train_dir, eval_dir)
     # Read (and fail on) the folder before anything is written: a failed step leaves no half dataset behind.
     folder = None if source == SYNTHETIC else read_folder(source)
 

@@ -5,6 +5,7 @@ prepare-data wrote (every scene counted once); a random-allocation baseline on t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ def evaluate_adapter(adapter_dir: str | Path, eval_dir: str | Path, report_sampl
     from trainer.model import ArrCoc, cells_selected
 
     eval_dir = Path(eval_dir)
+    if (eval_dir / "data.jsonl").is_file():  # prepare-data's JSONL for a Qwen-VL base
+        return _evaluate_vlm_adapter(adapter_dir, eval_dir, threshold)
     with np.load(eval_dir / "scenes.npz") as data:
         arrays = {key: data[key] for key in data.files}
     count = len(arrays["images"])
@@ -87,3 +90,32 @@ def evaluate_adapter(adapter_dir: str | Path, eval_dir: str | Path, report_sampl
              "base model": cfg.base_model, "cells selected (K)": cells_selected(cfg)}
     page = html_report(metrics, baseline, tensions, facts, scene_rows, folder_rows)
     return metrics, baseline, page, markdown_summary(metrics, baseline, tensions, threshold), tensions
+
+
+def _evaluate_vlm_adapter(adapter_dir: Path | str, eval_dir: Path, threshold: float):
+    """A Qwen-VL adapter: VQA metrics, the random-selection baseline, and the accuracy vs budget curve."""
+    from pipelines.report import html_report, markdown_summary
+    from trainer.evaluation import eval_source, evaluate
+    from trainer.model import ArrCoc
+    from trainer.vqa import budget_curve
+
+    # The adapter's config names the paths the replicas read; here the eval set is this step's input.
+    model = ArrCoc.from_adapter(Path(adapter_dir), eval_data=str(eval_dir))
+    source = eval_source(model.cfg, model)
+    cfg = model.cfg = dataclasses.replace(model.cfg, eval_size=len(source)).validate()  # every question once
+    metrics = evaluate(model, cfg, source, None)
+    baseline = evaluate(model, cfg, source, None, random_allocation=True)
+    curve = budget_curve(model, cfg, source)
+    tensions = cfg.tensions()
+    facts = {"eval questions": len(source), "base model": cfg.base_model, "seed": cfg.seed,
+             "visual tokens read (mean)": metrics["visual_tokens"]}
+    page = html_report(metrics, baseline, tensions, facts, [], [], budget_curve=curve)
+    # the gate reads relevance_score, which needs boxes in the eval set (VQAv2 has none: gate on vqa_accuracy)
+    summary = markdown_summary({"relevance_score": float("nan"), **metrics}, baseline, tensions, threshold,
+                               budget_curve=curve)
+    # the curve's points also go to KFP Metrics (the evaluate step logs every value): comparable across runs
+    for row in curve["rows"]:
+        for key, name in (("relevance", "arrcoc"), ("random", "random"), ("uniform", "uniform")):
+            metrics[f"vqa_accuracy_budget_{row['fraction']:g}_{name}"] = row[key]
+    metrics["vqa_accuracy_all_tokens"] = curve["all_tokens"]
+    return metrics, baseline, page, summary, tensions
