@@ -3,7 +3,7 @@
 With no PATH: manifests/ (offline parts rendered, remote refs checked for pinning), every
 kustomize/overlays/*, every katib/overlays/* and every YAML file under pipelines/examples/.
 Each error prints as `<file>: <Kind>/<namespace>/<name>: <field.path>: <message>`; any error
-exits 1, otherwise one OK line.
+exits 1, otherwise one OK line. Warnings print the same way after `warning: ` and do not fail.
 """
 from __future__ import annotations
 
@@ -109,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
     loaded, findings = validate(list(args.paths), schemas)
     for finding in findings:
         print(finding)
-    if findings:
-        print(f"arrcoc validate: {len(findings)} error(s) in {loaded.targets} target(s)", file=sys.stderr)
+    errors = [f for f in findings if not f.warning]
+    if errors:
+        print(f"arrcoc validate: {len(errors)} error(s) in {loaded.targets} target(s)", file=sys.stderr)
         return 1
     print(f"arrcoc validate: OK: {loaded.targets} target(s), {len(loaded.docs)} object(s)")
     return 0
