@@ -67,7 +67,7 @@ def test_trial_template_wires_each_tension_and_a_stable_checkpoint_dir() -> None
     refs = {tp.name: tp.reference for tp in exp.trial_parameters}
     for replica, template in _pod_specs(exp.trial_spec).items():
         (container,) = [c for c in template["spec"]["containers"] if c["name"] == "pytorch"]
-        command = container["command"]
+        command = [*container["command"], *(container.get("args") or [])]
         assert command[:3] == ["torchrun", "-m", "trainer"], replica
         for tension in TENSIONS:
             value = _flag(command, "--" + tension.replace("_", "-"))
@@ -123,7 +123,8 @@ def test_team_overlay_renders_a_valid_experiment_in_its_namespace(team: str) -> 
         pod = template["spec"]
         assert pod["nodeSelector"]["cloud.google.com/gke-accelerator"] == TEAMS[team] == values["gpuType"], replica
         assert pod["tolerations"], replica  # from the team's capacity component
-        assert pod["priorityClassName"] == values["priorityClassName"]
+        # Sweep trials yield to training runs whatever the team's training PriorityClass is.
+        assert pod["priorityClassName"] == "arrcoc-sweep" != values["priorityClassName"]
         (container,) = pod["containers"]
         for kind in ("requests", "limits"):
             assert container["resources"][kind] == {"cpu": values["cpuPerReplica"], "memory": values["memoryPerReplica"],
@@ -224,7 +225,8 @@ def test_render_trial_substitutes_assignments_and_trial_metadata(base_doc: dict)
     job = render_trial(exp, "arrcoc-tensions-007", values, namespace="team-vision")
     assert job["metadata"] == {"name": "arrcoc-tensions-007", "namespace": "team-vision"}
     assert "${" not in json.dumps(job)
-    command = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    command = [*container["command"], *container["args"]]
     assert _flag(command, "--compress-vs-particularize") == "5e-2"  # the trainer reads 0.05
     assert _flag(command, "--focus-vs-diversify") == "33e-2"
     assert _flag(command, "--out") == "/checkpoints/arrcoc-tensions-007"

@@ -44,6 +44,7 @@ def trial_doc(script: str, **spec: object) -> dict:
     tt = doc["spec"]["trialTemplate"]
     refs = {tp["reference"]: tp["name"] for tp in tt["trialParameters"]}
     for rs in tt["trialSpec"]["spec"]["pytorchReplicaSpecs"].values():
+        rs["template"]["spec"]["containers"][0].pop("args", None)
         rs["template"]["spec"]["containers"][0]["command"] = [
             # The base Experiment's encoding: an int 0..100 passed on as <int>e-2.
             sys.executable, "-c", script, *("${trialParameters.%s}e-2" % refs[t] for t in TENSIONS),
@@ -177,7 +178,8 @@ def test_same_random_state_gives_the_same_trials(tmp_path: Path) -> None:
 def test_set_overrides_trainer_flags_in_every_replica() -> None:
     doc, _ = sweep.apply_overrides(yaml.safe_load(BASE.read_text()), sets=["steps=60", "eval-every=20", "lr=0.01"])
     for rs in doc["spec"]["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"].values():
-        command = rs["template"]["spec"]["containers"][0]["command"]
+        container = rs["template"]["spec"]["containers"][0]
+        command = [*container["command"], *container["args"]]
         assert command[command.index("--steps") + 1] == "60"
         assert command[command.index("--eval-every") + 1] == "20"
         assert command.count("--lr") == 1 and command[command.index("--lr") + 1] == "0.01"
