@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pipelines.katib_experiment import OPTUNA_ALGORITHMS, SKOPT_ALGORITHM, SKOPT_DEFAULTS, LOCAL_ALGORITHMS, Parameter
+from pipelines.katib_experiment import LOCAL_ALGORITHMS, OPTUNA_ALGORITHMS, SKOPT_ALGORITHM, SKOPT_DEFAULTS, Parameter
+
 
 @dataclass(frozen=True)
 class Observed:

@@ -74,7 +74,7 @@ def trainer_args(head: dict) -> list[str]:
             raise TrialSpecError(f"{EXPERIMENT}: spec.parameters {reference!r} is not a trainer flag; "
                                  f"allowed: {', '.join(fields)}")
         suffix = INT_FOR_FLOAT_SUFFIX if types[reference] == "int" and fields[reference].type == "float" else ""
-        args += [_flag(reference), "${trialParameters.%s}%s" % (tp["name"], suffix)]
+        args += [_flag(reference), f"${{trialParameters.{tp['name']}}}{suffix}"]
     return args
 
 
@@ -82,7 +82,7 @@ def trial_spec(head: dict) -> dict[str, Any]:
     """spec.trialTemplate.trialSpec for the Experiment whose hand-written part is `head`."""
     names = [tp["name"] for tp in head["spec"]["trialTemplate"].get("trialParameters") or []
              if tp.get("reference") == "${trialSpec.Name}"]
-    if KATIB_TRIAL_NAME != "${trialParameters.%s}" % (names[0] if names else ""):
+    if KATIB_TRIAL_NAME != f"${{trialParameters.{names[0] if names else ''}}}":
         raise TrialSpecError(f"{EXPERIMENT}: spec.trialTemplate.trialParameters needs "
                              f"{{name: trialName, reference: ${{trialSpec.Name}}}} (the trial's run id)")
     team = dataclasses.replace(TeamConfig.from_file(BASE_TEAM_CONFIG), priority_class_name=SWEEP_PRIORITY_CLASS)

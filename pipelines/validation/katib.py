@@ -3,17 +3,18 @@ ${trialParameters.x} placeholders replaced the way the Katib controller does it.
 from __future__ import annotations
 
 import json
+import math
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from pipelines.katib_experiment import (
     OBJECTIVE_TYPES,
     PARAMETER_TYPES,
     RESUME_POLICIES,
     SKOPT_ALGORITHM,
+    TrialParameter,
     setting_problem,
     skopt_double_problem,
-    TrialParameter,
     space_problem,
     substitute_trial_parameters,
 )
@@ -48,9 +49,9 @@ def check_experiment(doc: Doc) -> Iterator[Finding]:
             try:
                 low, high = float(space.get("min", "nan")), float(space.get("max", "nan"))
             except ValueError:
-                low = high = float("nan")
-            found = skopt_double_problem(low, high) if low == low and high == high else (
-                "error", "min and max must be numbers")
+                low = high = math.nan
+            finite = math.isfinite(low) and math.isfinite(high)
+            found = skopt_double_problem(low, high) if finite else ("error", "min and max must be numbers")
             if found:
                 level, message = found
                 where = here + ["feasibleSpace"] + ([] if level == "warning" else ["min"])
