@@ -21,7 +21,7 @@ from pipelines.katib_suggestion import (
 
 SPACE = [
     Parameter("lr", "double", 0.001, 0.1, distribution="uniform"),
-    Parameter("stepped", "double", 0.05, 1.0, step=0.25),
+    Parameter("stepped", "double", 0.25, 1.0, step=0.25),
     Parameter("depth", "int", 2, 8),
     Parameter("width", "int", 16, 256, distribution="logUniform"),
     Parameter("act", "categorical", values=("relu", "gelu")),
