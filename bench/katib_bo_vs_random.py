@@ -1,24 +1,26 @@
-"""Bayesian against random search over the three tensions, on short real training runs.
+"""Katib's Bayesian search against random search over the three tensions, on short real training runs.
 
-Question: how many trials does each algorithm need to reach 95% of the best relevance_score that a dense grid
-finds? The issue's goal is Bayesian <= 0.5x random; this script reports whatever it measures.
+Question: how many trials does Katib v0.19's bayesianoptimization need to reach 95% of the best relevance_score
+that a dense grid finds, against random search? Goal: Bayesian <= 0.5x random (medians).
 
 Design, for two shared CPU cores:
-- The search space is a grid: each tension takes POINTS values spread evenly over Katib's feasible space
-  [0.01, 1.0] (0.01, not 0: the Experiment's min, see katib/README.md). Both samplers search that same grid
-  (Optuna FloatDistribution with a step), so every point either proposes is a grid point.
-- Every grid point is trained once (`python -m trainer`, STEPS steps, fixed seed) and its metrics are cached
-  on disk (runs/bench/katib_cache.json, keyed by the tensions and every trainer flag). The dense grid is that
-  cache; the searches then replay it, so a point is never trained twice, and re-running the bench with the
-  same flags trains nothing.
-- Bayesian is Optuna's GPSampler with n_startup_trials and the seed mapped from the base Experiment's
-  settings as `arrcoc sweep --local` maps them; random is RandomSampler. Both run SEEDS times with different
-  seeds; the table shows the median trials-to-95% and the ratio Bayesian / random. A search that never gets
-  there within the budget counts as budget + 1 (marked ">").
-- Cost: POINTS**3 training runs of ~8 s (4 points: 64 runs, about 9 minutes on an idle 2-core machine), then
-  a minute or two of GP fitting. Needs scipy (Optuna's GPSampler).
+- Every point of a POINTS**3 grid over the tensions (values spread evenly over [0.01, 1.0]) is trained once
+  (`python -m trainer`, STEPS steps, fixed seed) and cached in runs/bench/katib_cache.json, keyed by the
+  tensions and every trainer flag; re-running the bench with the same flags trains nothing.
+- Bayesian: the suggestion service Katib runs (pipelines/katib_suggestion.py, scikit-optimize configured as
+  Katib's skopt service configures it) with the space, settings and parallelTrialCount of the Experiment
+  (--experiment, default katib/base/experiment.yaml; --setting overrides one setting), asked round by round as
+  Katib's controller asks it; random_state is the search seed. Each suggestion is rendered into the trial
+  template as Katib renders it, the trainer's tension flags are read back (so the template's value encoding is
+  what is measured) and snapped to the nearest grid value.
+- Random: uniform draws of grid points. A search that never reaches the target within the budget counts as
+  budget + 1 ("never" in the table).
+- Limits: 64 points of which few reach the target, snapped suggestions (a GP that proposes 0.5 scores a grid
+  neighbour), 60-step runs that rank the tensions differently from the 300-step trials of the Experiment, one
+  trainer seed per point (no noise between repeats).
 
-Run: .venv/bin/python bench/katib_bo_vs_random.py [--points 4] [--seeds 7] [--steps 60] [--jobs 1]
+Run: .venv/bin/python bench/katib_bo_vs_random.py [--points 4] [--bo-seeds 15] [--random-seeds 201]
+     [--experiment FILE] [--setting n_initial_points=6]
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import argparse
 import itertools
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -36,7 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.katib_experiment import observe, read_experiment  # noqa: E402
+from pipelines.katib_experiment import observe, read_experiment, render_trial  # noqa: E402
+from pipelines.katib_suggestion import Observed, make_service  # noqa: E402
 
 TENSIONS = ("compress_vs_particularize", "exploit_vs_explore", "focus_vs_diversify")
 LOW, HIGH = 0.01, 1.0
@@ -103,67 +107,109 @@ def evaluate_grid(args: argparse.Namespace, objective) -> dict[tuple[float, ...]
     return {p: float(cache[key(p, flags)]["metrics"][objective.metric]) for p in points}
 
 
-def trials_to_target(sampler_name: str, seed: int, scores: dict, target: float, budget: int, startup: int) -> int:
-    import optuna
-    from optuna.distributions import FloatDistribution
+def tension_values(experiment, assignments: dict[str, str]) -> tuple[float, ...]:
+    """The tensions a trial's trainer would read: the trial rendered as Katib renders it, the flags parsed."""
+    job = render_trial(experiment, "bench", assignments)
+    command = primary_command(experiment, job)
+    return tuple(float(command[command.index("--" + t.replace("_", "-")) + 1]) for t in TENSIONS)
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if sampler_name == "bayesian":
-        sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=seed)
-    study = optuna.create_study(direction="maximize", sampler=sampler)
-    values = grid_values(round((len(scores)) ** (1 / 3)))
-    step = values[1] - values[0]
-    space = {t: FloatDistribution(LOW, HIGH, step=step) for t in TENSIONS}
-    lookup = {tuple(round(v, 4) for v in p): s for p, s in scores.items()}
-    for n in range(1, budget + 1):
-        trial = study.ask(space)
-        point = tuple(round(trial.params[t], 4) for t in TENSIONS)
-        score = lookup[point]
-        study.tell(trial, score)
+
+def primary_command(experiment, job: dict) -> list[str]:
+    master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    container = next(c for c in master if c["name"] == experiment.primary_container)
+    return [*(container.get("command") or []), *(container.get("args") or [])]
+
+
+def snap(value: float, values: list[float]) -> float:
+    return min(values, key=lambda v: abs(v - value))
+
+
+def bayesian_trials(experiment, seed: int, scores: dict, target: float, budget: int) -> int:
+    """Trials until one reaches `target`, Katib's service asked as its controller asks it.
+
+    The first request is for parallelTrialCount suggestions; trials take equally long, so they finish in
+    creation order, and each finished trial is told before one replacement is asked for. Every suggestion is
+    snapped to the nearest grid value (the grid is all we trained).
+    """
+    settings = {**experiment.settings, "random_state": str(seed)}
+    maximize = experiment.objective.type == "maximize"
+    service = make_service(experiment.algorithm, experiment.parameters, settings, maximize)
+    values = grid_values(round(len(scores) ** (1 / 3)))
+    running = list(service.get_suggestions([], min(experiment.parallel, budget)))
+    observed: list[Observed] = []
+    created = len(running)
+    while running:
+        assignments = running.pop(0)
+        point = tuple(snap(v, values) for v in tension_values(experiment, assignments))
+        score = scores[point]
+        observed.append(Observed(f"trial-{len(observed)}", assignments, score))
         if score >= target:
+            return len(observed)
+        if created < budget:
+            running += service.get_suggestions(observed, 1)
+            created += 1
+    return budget + 1
+
+
+def random_trials(seed: int, scores: dict, target: float, budget: int) -> int:
+    """Random search over the same grid: each trial a uniformly drawn grid point."""
+    rng = random.Random(seed)
+    points = sorted(scores)
+    for n in range(1, budget + 1):
+        if scores[rng.choice(points)] >= target:
             return n
     return budget + 1
+
+
+def spread(counts: list[int], budget: int) -> str:
+    q = statistics.quantiles(counts, n=4)
+    failed = sum(c > budget for c in counts)
+    return f"{min(counts)} / {q[0]:g} / {statistics.median(counts):g} / {q[2]:g} / {max(counts)}" + (
+        f" ({failed} never)" if failed else "")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--points", type=int, default=4, help="grid values per tension (points**3 training runs)")
-    parser.add_argument("--seeds", type=int, default=7, help="searches per algorithm (>= 5)")
+    parser.add_argument("--bo-seeds", type=int, default=15, help="Bayesian searches (random_state 0..N-1), >= 5")
+    parser.add_argument("--random-seeds", type=int, default=201, help="random searches, >= 5")
     parser.add_argument("--budget", type=int, default=0, help="trials per search (default: the grid size)")
+    parser.add_argument("--experiment", default=str(ROOT / "katib" / "base" / "experiment.yaml"),
+                        help="the Experiment whose space, encoding, settings and parallelTrialCount are searched")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="override an algorithmSetting (to compare choices; repeatable)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="trainer seed (the same for every point)")
     parser.add_argument("--jobs", type=int, default=1, help="training runs at once")
     args = parser.parse_args()
-    if args.seeds < 5 or args.points < 2:
-        parser.error("--seeds must be >= 5 and --points >= 2")
+    if min(args.bo_seeds, args.random_seeds) < 5 or args.points < 2:
+        parser.error("--bo-seeds and --random-seeds must be >= 5 and --points >= 2")
 
-    experiment = read_experiment(ROOT / "katib" / "base" / "experiment.yaml")
-    startup = int(experiment.settings.get("n_initial_points", "10"))
+    experiment = read_experiment(args.experiment)
+    for item in args.setting:
+        name, _, value = item.partition("=")
+        experiment.settings[name] = value
     scores = evaluate_grid(args, experiment.objective)
     best_point, best = max(scores.items(), key=lambda kv: kv[1])
     target = 0.95 * best
     budget = args.budget or len(scores)
-    spread = sorted(scores.values())
+    ordered = sorted(scores.values())
     print(f"\ngrid best {experiment.objective.metric}={best:.4f} at {dict(zip(TENSIONS, best_point))}")
-    print(f"grid min {spread[0]:.4f}, median {statistics.median(spread):.4f}; target (95% of best) {target:.4f}; "
-          f"{sum(s >= target for s in spread)}/{len(spread)} points reach it")
+    print(f"grid min {ordered[0]:.4f}, median {statistics.median(ordered):.4f}; target (95% of best) {target:.4f}; "
+          f"{sum(s >= target for s in ordered)}/{len(ordered)} points reach it")
 
-    rows = []
-    for name in ("bayesian", "random"):
-        counts = [trials_to_target(name, seed, scores, target, budget, startup) for seed in range(args.seeds)]
-        rows.append((name, counts, statistics.median(counts)))
-    print(f"\n| algorithm | trials to 95% of grid best, per seed (budget {budget}) | median |")
+    bo = [bayesian_trials(experiment, seed, scores, target, budget) for seed in range(args.bo_seeds)]
+    rnd = [random_trials(seed, scores, target, budget) for seed in range(args.random_seeds)]
+    print(f"\n| search | seeds | trials to 95% of grid best: min / q1 / median / q3 / max (budget {budget}) |")
     print("|---|---|---|")
-    for name, counts, median in rows:
-        shown = ", ".join(f">{budget}" if c > budget else str(c) for c in counts)
-        print(f"| {name} | {shown} | {median:g} |")
-    ratio = rows[0][2] / rows[1][2]
-    print(f"\nratio bayesian / random (medians): {ratio:.2f} (goal <= 0.5); "
-          f"n_startup_trials={startup} from katib/base/experiment.yaml")
+    print(f"| Katib {experiment.algorithm} | {len(bo)} | {spread(bo, budget)} |")
+    print(f"| random over the grid | {len(rnd)} | {spread(rnd, budget)} |")
+    ratio = statistics.median(bo) / statistics.median(rnd)
+    shown = ", ".join(f"{k}={v}" for k, v in experiment.settings.items() if k != "random_state")
+    print(f"\nratio Bayesian / random (medians): {ratio:.2f} (goal <= 0.5); {shown}; "
+          f"parallelTrialCount={experiment.parallel}; per-seed Bayesian: {bo}")
     return 0
 
 

@@ -1,7 +1,12 @@
-"""`arrcoc compile`: write the compiled pipeline(s) to pipelines/compiled/, the files users upload in the KFP UI.
+"""`arrcoc compile`: regenerate every generated file kept in git.
 
-The files are kept in git; tests/test_pipeline_compile.py compiles afresh and fails when they are stale, so
-after changing a component or the pipeline run `arrcoc compile` (or `make compile`) and commit the diff.
+- pipelines/compiled/*.yaml: the compiled pipeline(s), the files users upload in the KFP UI;
+- katib/base/experiment.yaml below its marker line: the trial template's PyTorchJob (pipelines/katib_trial_spec.py);
+- pipelines/examples/*.yaml: example PyTorchJobs, rendered by `arrcoc pytorchjob render` with EXAMPLES' arguments.
+
+Tests fail when any of them is stale (test_pipeline_compile.py, test_katib_trial_spec.py,
+test_pytorchjob_builder.py), so after changing a component, the pipeline, the builder, the trainer's defaults or
+the base team-config, run `arrcoc compile` (or `make compile`) and commit the diff.
 """
 from __future__ import annotations
 
@@ -16,6 +21,13 @@ import yaml
 COMPILED_DIR = Path(__file__).parent / "compiled"
 # file name -> "module:function" of a @dsl.pipeline; one line per pipeline we ship.
 PIPELINES = {"arrcoc_train.yaml": "pipelines.pipeline:arrcoc_train"}
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+# file name -> `arrcoc pytorchjob render` arguments (without -o).
+EXAMPLES = {
+    "pytorchjob-tiny.yaml": ["--name", "arrcoc-tiny", "--workers", "1", "--image", "ghcr.io/arrcoc/arrcoc-trainer:0.1.0",
+                             "--", "--steps", "20", "--batch-size", "8", "--eval-every", "10", "--eval-size", "32",
+                             "--checkpoint-every", "5", "--seed", "0"],
+}
 # Fields that change with the SDK release, not with our pipeline.
 VOLATILE = ("sdkVersion",)
 
@@ -55,12 +67,30 @@ def documents(text: str) -> list[dict[str, Any]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default=str(COMPILED_DIR),
-                        help="where to write (default: pipelines/compiled, the files kept in git)")
+                        help="where to write the pipelines (default: pipelines/compiled, the files kept in git)")
+    parser.add_argument("--pipelines-only", action="store_true",
+                        help="only compile the pipelines (leave the trial template and the examples alone)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipelines import katib_trial_spec
+    from pipelines.cli import main
+    from trainer.files import write_text_atomic
+
     out = Path(args.out_dir)
     for name, ref in PIPELINES.items():
         path = compile_to(out / name, ref)
         print(f"compiled {ref} -> {path}")
+    if args.pipelines_only:
+        return 0
+    experiment = katib_trial_spec.EXPERIMENT
+    write_text_atomic(experiment, katib_trial_spec.generate(experiment.read_text()))
+    print(f"generated the trial template -> {experiment}")
+    for name, argv in EXAMPLES.items():
+        path = EXAMPLES_DIR / name
+        before, after = argv[:argv.index("--")], argv[argv.index("--"):]
+        code = main(["pytorchjob", "render", *before, "-o", str(path), *after])
+        if code:
+            return code
+        print(f"rendered the example PyTorchJob -> {path}")
     return 0

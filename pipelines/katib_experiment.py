@@ -3,8 +3,8 @@
 What this module reproduces, and where Katib does it (kubeflow/katib, read through the search tool):
 - validation: the experiment webhook (pkg/webhook/v1beta1/experiment/validator/validator.go) for names,
   budget, objective, parameters and trial parameters; the skopt suggestion service
-  (pkg/suggestion/v1beta1/skopt/service.py) for the five bayesianoptimization settings; the hyperopt
-  service for `random` (random_state only).
+  (pkg/suggestion/v1beta1/skopt/service.py) and the optuna service (pkg/suggestion/v1beta1/optuna/service.py)
+  for the algorithm settings: SETTINGS below is the one table `arrcoc validate` and the rehearsal both use.
 - defaults: experiment_defaults.go (parallelTrialCount 3, resumePolicy Never, StdOut collector, metric
   strategies: objective AND additional metrics follow the objective type, max for maximize, min for minimize).
 - substitution: the trial template is rendered to JSON text, `${trialParameters.<name>}` is replaced by the
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,16 +44,6 @@ KATIB_ALGORITHMS = (
     "random", "grid", "bayesianoptimization", "tpe", "multivariate-tpe", "cmaes", "sobol",
     "hyperband", "pbt", "enas", "darts",
 )
-BAYESIAN_SETTINGS: dict[str, tuple[str, ...] | None] = {
-    "base_estimator": ("GP", "RF", "ET", "GBRT"),
-    "n_initial_points": None,  # int >= 0
-    "acq_func": ("gp_hedge", "LCB", "EI", "PI", "EIps", "PIps"),
-    "acq_optimizer": ("auto", "sampling", "lbfgs"),
-    "random_state": None,  # int >= 0
-}
-RANDOM_SETTINGS: dict[str, tuple[str, ...] | None] = {"random_state": None}
-SETTINGS_BY_ALGORITHM = {"bayesianoptimization": BAYESIAN_SETTINGS, "random": RANDOM_SETTINGS}
-
 _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _PARAM_PLACEHOLDER_RE = re.compile(r"\$\{trialParameters\..+?\}")
 _META_REF_RE = re.compile(r"^\$\{trialSpec\.(.+?)\}$")
@@ -84,6 +75,84 @@ class Parameter:
             return repr(float(value))
         return str(value)
 
+
+SKOPT_ALGORITHM = "bayesianoptimization"
+OPTUNA_ALGORITHMS = ("tpe", "multivariate-tpe", "cmaes", "random")
+LOCAL_ALGORITHMS = (SKOPT_ALGORITHM, *OPTUNA_ALGORITHMS)
+# skopt's Real(..., "log-uniform") over more than this ratio puts most draws in the lowest decades.
+LOG_UNIFORM_WARN_RATIO = 10.0
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One algorithmSetting a suggestion service accepts: a fixed set of strings, or a number >= 0."""
+
+    choices: tuple[str, ...] = ()
+    number: type | None = None  # int or float
+
+    def problem(self, value: str) -> str | None:
+        """None when the service's ValidateAlgorithmSettings accepts `value`, else why not (a phrase)."""
+        if self.choices:
+            return None if value in self.choices else f"is not supported; allowed: {', '.join(self.choices)}"
+        kind = "an integer" if self.number is int else "a number"
+        try:
+            number = self.number(value)
+        except (TypeError, ValueError):
+            return f"must be {kind} >= 0"
+        return None if number >= 0 and math.isfinite(number) else f"must be {kind} >= 0"
+
+
+_COUNT = Setting(number=int)
+# The one table of the settings each algorithm's service accepts (its ValidateAlgorithmSettings).
+SETTINGS: dict[str, dict[str, Setting]] = {
+    SKOPT_ALGORITHM: {
+        "base_estimator": Setting(("GP", "RF", "ET", "GBRT")),
+        "n_initial_points": _COUNT,
+        "acq_func": Setting(("gp_hedge", "LCB", "EI", "PI", "EIps", "PIps")),
+        "acq_optimizer": Setting(("auto", "sampling", "lbfgs")),
+        "random_state": _COUNT,
+    },
+    "tpe": {"n_startup_trials": _COUNT, "n_ei_candidates": _COUNT, "random_state": _COUNT},
+    "multivariate-tpe": {"n_startup_trials": _COUNT, "n_ei_candidates": _COUNT, "random_state": _COUNT},
+    "cmaes": {"restart_strategy": Setting(("ipop", "None", "none")), "sigma": Setting(number=float),
+              "random_state": _COUNT},
+    "random": {"random_state": _COUNT},
+}
+# OptimizerConfiguration's defaults in Katib's skopt/service.py (skopt's own default acq_func would be the same).
+SKOPT_DEFAULTS = {"base_estimator": "GP", "n_initial_points": 10, "acq_func": "gp_hedge", "acq_optimizer": "auto",
+                  "random_state": None}
+
+
+def setting_problem(algorithm: str, name: str, value: str) -> str | None:
+    """Why the algorithm's service rejects the setting, or None. Algorithms outside SETTINGS are not checked."""
+    table = SETTINGS.get(algorithm)
+    if table is None:
+        return None
+    if name not in table:
+        return f"unknown setting {name!r} for {algorithm}; allowed: {', '.join(table)}"
+    problem = table[name].problem(value)
+    return None if problem is None else f"{name}={value!r} {problem}"
+
+
+def space_problem(algorithm: str, parameter_types: Sequence[str]) -> str | None:
+    """The optuna service's one check on the space: cmaes needs two or more int/double parameters."""
+    if algorithm == "cmaes" and sum(t in ("int", "double") for t in parameter_types) < 2:
+        return "cmaes needs two or more int or double parameters"
+    return None
+
+
+def skopt_double_problem(low: float, high: float) -> tuple[str, str] | None:
+    """("error" | "warning", phrase) for a double under bayesianoptimization, which skopt searches log-uniformly."""
+    if low <= 0:
+        return "error", f"min={low:g} must be > 0: bayesianoptimization searches every double log-uniformly"
+    if high / low > LOG_UNIFORM_WARN_RATIO:
+        decades = math.log10(high / low)
+        return "warning", (
+            f"spans {decades:.1f} decades ({low:g}..{high:g}) and bayesianoptimization draws doubles from a "
+            f"log-uniform prior: only {1 / decades:.0%} of draws land in the top decade; use an int passed on "
+            f"scaled (e.g. ${{trialParameters.x}}e-2) or a range within one decade"
+        )
+    return None
 
 @dataclass(frozen=True)
 class Objective:
@@ -237,25 +306,11 @@ def _algorithm(spec: dict, source: str) -> tuple[str, dict[str, str]]:
 
 
 def validate_settings(algorithm: str, settings: dict[str, str], source: str) -> None:
-    """Reject what Katib's suggestion service rejects (ValidateAlgorithmSettings)."""
-    allowed = SETTINGS_BY_ALGORITHM.get(algorithm)
-    if allowed is None:
-        return  # other services validate their own settings; the local rehearsal refuses them anyway
-    where = f"{source}: spec.algorithm.algorithmSettings"
+    """Reject what Katib's suggestion service rejects (ValidateAlgorithmSettings), by the SETTINGS table."""
     for key, value in settings.items():
-        if key not in allowed:
-            raise ExperimentError(f"{where}: unknown setting {key!r} for {algorithm}; allowed: {', '.join(allowed)}")
-        choices = allowed[key]
-        if choices is not None:
-            if value not in choices:
-                raise ExperimentError(f"{where}: {key}={value!r} is not supported; allowed: {', '.join(choices)}")
-        else:
-            try:
-                number = int(value)
-            except ValueError:
-                raise ExperimentError(f"{where}: {key}={value!r} must be an integer >= 0") from None
-            if number < 0:
-                raise ExperimentError(f"{where}: {key}={value!r} must be an integer >= 0")
+        problem = setting_problem(algorithm, key, value)
+        if problem:
+            raise ExperimentError(f"{source}: spec.algorithm.algorithmSettings: {problem}")
 
 
 def _parameters(spec: dict, source: str) -> list[Parameter]:
@@ -395,6 +450,13 @@ def parse_experiment(doc: dict, source: str = "<manifest>") -> Experiment:
     if resume not in RESUME_POLICIES:
         raise ExperimentError(f"{source}: spec.resumePolicy={resume!r}; allowed: {', '.join(RESUME_POLICIES)}")
     params = _parameters(spec, source)
+    problem = space_problem(algorithm, [p.type for p in params])
+    if problem:
+        raise ExperimentError(f"{source}: spec.parameters: {problem}")
+    for i, p in enumerate(params):
+        found = skopt_double_problem(p.min, p.max) if algorithm == SKOPT_ALGORITHM and p.type == "double" else None
+        if found and found[0] == "error":
+            raise ExperimentError(f"{source}: spec.parameters[{i}] ({p.name}): {found[1]}")
     tt = _trial_template(spec, params, source)
 
     mc = spec.get("metricsCollectorSpec") or {}
@@ -434,6 +496,30 @@ def parse_experiment(doc: dict, source: str = "<manifest>") -> Experiment:
     )
 
 
+def substitute_trial_parameters(trial_spec: dict, trial_parameters: list[TrialParameter],
+                                assignments: dict[str, str], trial_name: str, namespace: str) -> dict:
+    """The trial spec with every ${trialParameters.<name>} replaced in its JSON text, as Katib's manifest
+    generator does: a parameter reference takes the assignment, a ${trialSpec.*} reference the trial's metadata.
+    json.JSONDecodeError when the values break the template."""
+    meta = {
+        "Name": trial_name,
+        "Namespace": namespace,
+        "Kind": str(trial_spec.get("kind", "")),
+        "APIVersion": str(trial_spec.get("apiVersion", "")),
+    }
+    text = json.dumps(trial_spec)
+    for tp in trial_parameters:
+        match = _META_REF_RE.match(tp.reference)
+        if match:
+            key = match.group(1)
+            # Trials carry no labels or annotations of their own in a local rehearsal.
+            value = "" if _META_INDEX_RE.match(key) else meta[key]
+        else:
+            value = assignments[tp.reference]
+        text = text.replace("${trialParameters.%s}" % tp.name, value)
+    return json.loads(text)
+
+
 def render_trial(
     experiment: Experiment,
     trial_name: str,
@@ -441,31 +527,11 @@ def render_trial(
     namespace: str | None = None,
     trial_spec: dict | None = None,
 ) -> dict:
-    """The trial's job manifest: placeholders replaced in the JSON text, as Katib's manifest generator does.
-
-    `assignments` maps spec.parameters names to their string values. The job is named after the trial.
-    """
+    """The trial's job manifest, named after the trial. `assignments` maps spec.parameters names to strings."""
     namespace = namespace or experiment.namespace or "default"
     spec = experiment.trial_spec if trial_spec is None else trial_spec
-    meta = {
-        "Name": trial_name,
-        "Namespace": namespace,
-        "Kind": spec.get("kind", ""),
-        "APIVersion": spec.get("apiVersion", ""),
-    }
-    text = json.dumps(spec)
-    for tp in experiment.trial_parameters:
-        match = _META_REF_RE.match(tp.reference)
-        if match:
-            key = match.group(1)
-            indexed = _META_INDEX_RE.match(key)
-            # Trials carry no labels or annotations of their own in a local rehearsal.
-            value = "" if indexed else meta[key]
-        else:
-            value = assignments[tp.reference]
-        text = text.replace("${trialParameters.%s}" % tp.name, value)
     try:
-        job = json.loads(text)
+        job = substitute_trial_parameters(spec, experiment.trial_parameters, assignments, trial_name, namespace)
     except json.JSONDecodeError:
         raise ExperimentError(f"{experiment.source}: trial {trial_name}: substituted values break the trial template") from None
     job.setdefault("metadata", {})

@@ -1,12 +1,11 @@
 """`arrcoc sweep FILE.yaml [--local]`: run a Katib Experiment here, or create it in the cluster.
 
 --local rehearses what Katib v0.19 does with the same manifest (pipelines/katib_experiment.py reads it):
-- proposals come from Optuna, the maintained optimizer we have: GPSampler for bayesianoptimization (Katib
-  runs scikit-optimize's GP), RandomSampler for random. Settings that map: n_initial_points ->
-  n_startup_trials, random_state -> seed. Settings with no Optuna equivalent are printed and ignored:
-  base_estimator other than GP, acq_func (Optuna's GP uses log expected improvement), acq_optimizer.
-- for bayesianoptimization every double is searched log-uniformly, whatever `distribution` says, because
-  Katib v0.19's skopt service does so (katib/README.md explains the consequences); random honours it.
+- proposals come from the suggestion service Katib runs for the algorithm, configured as Katib configures it
+  (pipelines/katib_suggestion.py): scikit-optimize for bayesianoptimization (every double log-uniform, every
+  setting honoured), Optuna for tpe, multivariate-tpe, cmaes and random with Katib's setting mapping. The
+  service is asked for as many trials as there are free slots and told each trial that succeeded; failed
+  trials are never told, as in Katib. The same random_state gives the same first trials as the cluster.
 - at most parallelTrialCount trials run at once and at most maxTrialCount are created; each trial's job is
   the trialSpec with ${trialParameters.*} substituted, run by the local PyTorchJob runner; its success and
   failure conditions are read from the job's conditions, its metrics from the master's log with the
@@ -28,7 +27,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -37,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.katib_experiment import (
-    BAYESIAN_SETTINGS,
-    RANDOM_SETTINGS,
+    LOCAL_ALGORITHMS,
+    SETTINGS,
+    SKOPT_ALGORITHM,
     Experiment,
     load_manifest,
     metric_value,
@@ -46,21 +45,21 @@ from pipelines.katib_experiment import (
     parse_experiment,
     render_trial,
 )
+from pipelines.katib_suggestion import Observed, SuggestionService, make_service
+from trainer.errors import UserError
+from trainer.files import write_atomic, write_text_atomic
 
-LOCAL_ALGORITHMS = ("bayesianoptimization", "random")
 KATIB_GROUP, KATIB_VERSION, KATIB_PLURAL = "kubeflow.org", "v1beta1", "experiments"
 _CONDITION_RE = re.compile(r'^status\.conditions\.#\(type=="([^"]+)"\)#\|#\(status=="([^"]+)"\)#$')
 
 Runner = Callable[..., Any]  # a JobBackend's run(manifest, workdir, timeout=, log_stream=): pipelines/jobs/backends.py
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """Bad sweep input: one line, exit code 2."""
 
-    exit_code = 2
 
-
-class ClusterError(RuntimeError):
+class ClusterError(UserError):
     """The API server refused the Experiment: one line, exit code 1."""
 
     exit_code = 1
@@ -133,7 +132,7 @@ def apply_overrides(
     if algorithm is not None:
         algo = spec.setdefault("algorithm", {})
         if algo.get("algorithmName") != algorithm:
-            allowed = {"bayesianoptimization": BAYESIAN_SETTINGS, "random": RANDOM_SETTINGS}.get(algorithm, {})
+            allowed = SETTINGS.get(algorithm, {})
             kept, dropped = [], []
             for s in algo.get("algorithmSettings") or []:
                 (kept if s.get("name") in allowed else dropped).append(s)
@@ -164,61 +163,24 @@ def apply_overrides(
     return doc, notes
 
 
-# ---------------------------------------------------------------- Katib -> Optuna
+# ---------------------------------------------------------------- Katib's suggestion service
 
 
-def make_sampler(experiment: Experiment) -> tuple[Any, list[str]]:
-    """The Optuna sampler for the experiment's algorithm, and one note per setting it cannot honour."""
-    import optuna
-
-    settings = experiment.settings
-    seed = int(settings["random_state"]) if "random_state" in settings else None
-    notes: list[str] = []
-    if experiment.algorithm == "random":
-        return optuna.samplers.RandomSampler(seed=seed), notes
-    if experiment.algorithm != "bayesianoptimization":
+def suggestion_service(experiment: Experiment) -> SuggestionService:
+    """The service Katib starts for the experiment's algorithm (pipelines/katib_suggestion.py)."""
+    if experiment.algorithm not in LOCAL_ALGORITHMS:
         raise SweepError(
             f"{experiment.source}: spec.algorithm.algorithmName={experiment.algorithm!r}: the local rehearsal runs "
-            f"{' or '.join(LOCAL_ALGORITHMS)} (pass --algorithm)"
+            f"{', '.join(LOCAL_ALGORITHMS)} (pass --algorithm)"
         )
-    if settings.get("base_estimator", "GP") != "GP":
-        notes.append(f"base_estimator={settings['base_estimator']} ignored: Optuna's GPSampler is a Gaussian process")
-    if "acq_func" in settings:
-        notes.append(f"acq_func={settings['acq_func']} ignored: Optuna's GPSampler uses log expected improvement")
-    if "acq_optimizer" in settings:
-        notes.append(f"acq_optimizer={settings['acq_optimizer']} ignored: Optuna optimizes its acquisition itself")
-    startup = int(settings.get("n_initial_points", "10"))  # skopt's default, which Katib keeps
-    # deterministic_objective stays False: the same tensions retrained give a slightly different score.
-    sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
-    return sampler, notes
-
-
-def distributions(experiment: Experiment) -> dict[str, Any]:
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    result: dict[str, Any] = {}
-    for p in experiment.parameters:
-        if p.distribution in ("normal", "logNormal"):
-            raise SweepError(
-                f"{experiment.source}: parameter {p.name}: distribution {p.distribution} is not supported locally; "
-                f"allowed: uniform, logUniform"
-            )
-        if p.type == "double":
-            log = experiment.algorithm == "bayesianoptimization" or p.distribution == "logUniform"
-            if log and p.min <= 0:
-                raise SweepError(
-                    f"{experiment.source}: parameter {p.name}: feasibleSpace.min={p.min} must be > 0: "
-                    f"{'Katib v0.19 bayesianoptimization searches doubles log-uniformly' if experiment.algorithm == 'bayesianoptimization' else 'distribution logUniform'}"
-                )
-            # skopt's Real has no step; a stepped log space does not exist in Optuna either.
-            step = None if log else p.step
-            result[p.name] = FloatDistribution(p.min, p.max, log=log, step=step)
-        elif p.type == "int":
-            log = p.distribution == "logUniform"
-            result[p.name] = IntDistribution(int(p.min), int(p.max), log=log, step=1 if log else int(p.step or 1))
-        else:
-            result[p.name] = CategoricalDistribution(list(p.values))
-    return result
+    if experiment.algorithm != SKOPT_ALGORITHM:
+        # Katib's optuna service leaves normal/logNormal parameters out of the space: no value for the template.
+        for p in experiment.parameters:
+            if p.type in ("int", "double") and p.distribution in ("normal", "logNormal"):
+                raise SweepError(f"{experiment.source}: parameter {p.name}: distribution {p.distribution} is not "
+                                 f"searched by Katib's {experiment.algorithm}; allowed: uniform, logUniform")
+    return make_service(experiment.algorithm, experiment.parameters, experiment.settings,
+                        experiment.objective.type == "maximize")
 
 
 # ---------------------------------------------------------------- one trial
@@ -309,55 +271,45 @@ class SweepResult:
 
 def run_sweep(experiment: Experiment, workdir: Path, *, runner: Runner | None = None,
               trial_timeout: float | None = None, out: io.TextIOBase | None = None) -> SweepResult:
-    import optuna
-    from optuna.trial import TrialState
-
+    """Katib's loop: ask the service for as many trials as free slots, tell it each trial that succeeded."""
     out = out or sys.stdout
     if experiment.max_trials is None:
         raise SweepError(f"{experiment.source}: spec.maxTrialCount is unset; pass --max-trials N for a local run")
-    sampler, notes = make_sampler(experiment)
-    space = distributions(experiment)
+    service = suggestion_service(experiment)
     runner = runner or _default_runner()
-    for note in notes:
-        print(f"note: {note}", file=out)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    direction = "maximize" if experiment.objective.type == "maximize" else "minimize"
-    study = optuna.create_study(direction=direction, sampler=sampler, study_name=experiment.name)
     objective = experiment.objective
     workdir.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
 
     records: list[TrialRecord] = []
+    observed: list[Observed] = []  # what Katib passes the service: Succeeded trials with the objective metric
     best: TrialRecord | None = None
     reason = ""
     created = 0
     parallel = min(experiment.parallel, experiment.max_trials)
-    pending: dict[Future, tuple[Any, TrialRecord]] = {}
+    pending: dict[Future, TrialRecord] = {}
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         while True:
-            while not reason and len(pending) < parallel and created < experiment.max_trials:
-                created += 1
-                trial = study.ask(space)
-                assignments = {p.name: p.format(trial.params[p.name]) for p in experiment.parameters}
-                name = f"{experiment.name}-{created:03d}"
-                record = TrialRecord(name=name, index=created, parameters=assignments)
-                job = render_trial(experiment, name, assignments)
-                shown = " ".join(f"{k}={v}" for k, v in assignments.items())
-                print(f"trial {name} started: {shown}", file=out, flush=True)
-                future = pool.submit(run_trial, experiment, job, record, workdir / name, runner, trial_timeout)
-                pending[future] = (trial, record)
+            wanted = min(parallel - len(pending), experiment.max_trials - created)
+            if not reason and wanted > 0:
+                for assignments in service.get_suggestions(observed, wanted):
+                    created += 1
+                    name = f"{experiment.name}-{created:03d}"
+                    record = TrialRecord(name=name, index=created, parameters=assignments)
+                    print(f"trial {name} started: {' '.join(f'{k}={v}' for k, v in assignments.items())}",
+                          file=out, flush=True)
+                    pending[pool.submit(start_trial, experiment, record, workdir / name, runner, trial_timeout)] = record
             if not pending:
                 break
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in sorted(done, key=lambda f: pending[f][1].index):
-                trial, record = pending.pop(future)
+            for future in sorted(done, key=lambda f: pending[f].index):
+                record = pending.pop(future)
                 future.result()  # a bug in the runner is a bug here too: let it surface
                 records.append(record)
                 if record.status == "Succeeded":
-                    study.tell(trial, record.objective)
+                    observed.append(Observed(record.name, record.parameters, record.objective))
                     if best is None or objective.better(record.objective, best.objective):
                         best = record
-                else:
-                    study.tell(trial, state=TrialState.FAIL)
                 value = "" if record.objective is None else f" {objective.metric}={record.objective:g}"
                 why = f" ({record.message})" if record.status != "Succeeded" and record.message else ""
                 print(f"trial {record.name} {record.status}{value}{why}", file=out, flush=True)
@@ -379,18 +331,14 @@ def run_sweep(experiment: Experiment, workdir: Path, *, runner: Runner | None = 
     return result
 
 
+def start_trial(experiment: Experiment, record: TrialRecord, workdir: Path, runner: Runner,
+                timeout: float | None) -> TrialRecord:
+    """One trial: its job rendered from the template as Katib renders it, then run. The one call site of the runner."""
+    job = render_trial(experiment, record.name, record.parameters)
+    return run_trial(experiment, job, record, workdir, runner, timeout)
+
+
 # ---------------------------------------------------------------- outputs
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_results(workdir: Path, experiment: Experiment, records: list[TrialRecord], best: TrialRecord | None,
@@ -403,7 +351,7 @@ def write_results(workdir: Path, experiment: Experiment, records: list[TrialReco
     for r in records:
         metrics = ["" if r.metrics.get(m) is None else r.metrics[m] for m in metric_names]
         writer.writerow([r.name, r.status, *(r.parameters[p] for p in param_names), *metrics, r.duration_s, r.message])
-    _atomic_write(workdir / "results.csv", buf.getvalue())
+    write_text_atomic(workdir / "results.csv", buf.getvalue())
     payload = {
         "experiment": experiment.name,
         "source": experiment.source,
@@ -422,18 +370,11 @@ def write_results(workdir: Path, experiment: Experiment, records: list[TrialReco
                                                   "objective": best.objective, "metrics": best.metrics},
         "trials": [asdict(r) for r in records],
     }
-    _atomic_write(workdir / "results.json", json.dumps(payload, indent=2) + "\n")
+    write_text_atomic(workdir / "results.json", json.dumps(payload, indent=2) + "\n")
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
 
 
 def write_plots(workdir: Path, experiment: Experiment, records: list[TrialRecord]) -> list[Path]:
@@ -476,7 +417,7 @@ def write_plots(workdir: Path, experiment: Experiment, records: list[TrialRecord
         values = [r.parameters[p.name] for r in ok]
         xs_p = [float(v) for v in values] if p.type in ("double", "int") else values
         ax.scatter(xs_p, [r.objective for r in ok])
-        if p.type == "double" and (experiment.algorithm == "bayesianoptimization" or p.distribution == "logUniform"):
+        if p.type == "double" and (experiment.algorithm == SKOPT_ALGORITHM or p.distribution == "logUniform"):
             ax.set_xscale("log")  # the scale the optimizer searched
         ax.set_xlabel(p.name)
         ax.set_ylabel(objective.metric)

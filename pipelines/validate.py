@@ -8,7 +8,7 @@ team namespaces and their quotas (validation.invariants, validation.quota), the 
 need under every NetworkPolicy (validation.reachability), and Pod Security "restricted" on the pods Kubeflow's
 controllers build (validation.controller_pods).
 Each error prints as `<file>: <Kind>/<namespace>/<name>: <field.path>: <message>`; any error
-exits 1, otherwise one OK line.
+exits 1, otherwise one OK line. Warnings print the same way after `warning: ` and do not fail.
 """
 from __future__ import annotations
 
@@ -146,8 +146,9 @@ def run(args: argparse.Namespace) -> int:
     loaded, findings = validate(list(args.paths), schemas, args.platform)
     for finding in findings:
         print(finding)
-    if findings:
-        print(f"arrcoc validate: {len(findings)} error(s) in {loaded.targets} target(s)", file=sys.stderr)
+    errors = [f for f in findings if not f.warning]
+    if errors:
+        print(f"arrcoc validate: {len(errors)} error(s) in {loaded.targets} target(s)", file=sys.stderr)
         return 1
     print(f"arrcoc validate: OK: {loaded.targets} target(s), {len(loaded.docs)} object(s)")
     return 0

@@ -51,8 +51,8 @@ def test_base_experiment_is_a_bayesian_search_over_the_three_tensions() -> None:
     assert set(exp.objective.additional) == {"recall_at_k", "answer_accuracy", "eval_loss"}
     assert [p.name for p in exp.parameters] == list(TENSIONS)
     for p in exp.parameters:
-        # Katib v0.19's skopt makes every double log-uniform: 0 would stall GetSuggestions forever.
-        assert p.type == "double" and 0 < p.min < p.max <= 1
+        # Katib v0.19's skopt makes every double log-uniform; a uniform int scaled by the template is not.
+        assert p.type == "int" and (p.min, p.max) == (0, 100)
     assert exp.max_trials and exp.max_failed is not None and 1 <= exp.parallel <= exp.max_trials
     assert exp.resume_policy in ("LongRunning", "FromVolume")
     assert exp.collector_kind == "StdOut"
@@ -67,11 +67,11 @@ def test_trial_template_wires_each_tension_and_a_stable_checkpoint_dir() -> None
     refs = {tp.name: tp.reference for tp in exp.trial_parameters}
     for replica, template in _pod_specs(exp.trial_spec).items():
         (container,) = [c for c in template["spec"]["containers"] if c["name"] == "pytorch"]
-        command = container["command"]
+        command = [*container["command"], *(container.get("args") or [])]
         assert command[:3] == ["torchrun", "-m", "trainer"], replica
         for tension in TENSIONS:
             value = _flag(command, "--" + tension.replace("_", "-"))
-            name = value.removeprefix("${trialParameters.").removesuffix("}")
+            name = value.removeprefix("${trialParameters.").removesuffix("}e-2")
             assert refs[name] == tension, (replica, tension)
         out = _flag(command, "--out")
         name = out.rsplit("/", 1)[1].removeprefix("${trialParameters.").removesuffix("}")
@@ -123,7 +123,8 @@ def test_team_overlay_renders_a_valid_experiment_in_its_namespace(team: str) -> 
         pod = template["spec"]
         assert pod["nodeSelector"]["cloud.google.com/gke-accelerator"] == TEAMS[team] == values["gpuType"], replica
         assert pod["tolerations"], replica  # from the team's capacity component
-        assert pod["priorityClassName"] == values["priorityClassName"]
+        # Sweep trials yield to training runs whatever the team's training PriorityClass is.
+        assert pod["priorityClassName"] == "arrcoc-sweep" != values["priorityClassName"]
         (container,) = pod["containers"]
         for kind in ("requests", "limits"):
             assert container["resources"][kind] == {"cpu": values["cpuPerReplica"], "memory": values["memoryPerReplica"],
@@ -158,8 +159,8 @@ CASES = [
     ("parallel above max", lambda d: d["spec"].update(parallelTrialCount=50), "parallelTrialCount=50 should be <="),
     ("failed above max", lambda d: d["spec"].update(maxFailedTrialCount=50), "maxFailedTrialCount=50 should be <="),
     ("zero max trials", lambda d: d["spec"].update(maxTrialCount=0), "maxTrialCount=0 must be greater than 0"),
-    ("min not below max", lambda d: d["spec"]["parameters"][0]["feasibleSpace"].update(min="1.0"),
-     "min=1.0 must be less than max=1.0"),
+    ("min not below max", lambda d: d["spec"]["parameters"][0]["feasibleSpace"].update(min="100"),
+     "min=100.0 must be less than max=100.0"),
     ("bad parameter type", lambda d: d["spec"]["parameters"][0].update(parameterType="float"),
      "parameterType='float'; allowed: double, int, discrete, categorical"),
     ("bad distribution", lambda d: d["spec"]["parameters"][0]["feasibleSpace"].update(distribution="loguniform"),
@@ -220,13 +221,14 @@ def test_render_trial_substitutes_assignments_and_trial_metadata(base_doc: dict)
     base_doc["spec"]["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
         "containers"][0]["command"] += ["--namespace-tag", "${trialParameters.ns}"]
     exp = parse_experiment(base_doc)
-    values = {"compress_vs_particularize": "0.05", "exploit_vs_explore": "0.7", "focus_vs_diversify": "0.333"}
+    values = {"compress_vs_particularize": "5", "exploit_vs_explore": "70", "focus_vs_diversify": "33"}
     job = render_trial(exp, "arrcoc-tensions-007", values, namespace="team-vision")
     assert job["metadata"] == {"name": "arrcoc-tensions-007", "namespace": "team-vision"}
     assert "${" not in json.dumps(job)
-    command = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
-    assert _flag(command, "--compress-vs-particularize") == "0.05"
-    assert _flag(command, "--focus-vs-diversify") == "0.333"
+    container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    command = [*container["command"], *container["args"]]
+    assert _flag(command, "--compress-vs-particularize") == "5e-2"  # the trainer reads 0.05
+    assert _flag(command, "--focus-vs-diversify") == "33e-2"
     assert _flag(command, "--out") == "/checkpoints/arrcoc-tensions-007"
     assert _flag(command, "--namespace-tag") == "team-vision"
     # the template itself is untouched for the next trial

@@ -44,8 +44,10 @@ def trial_doc(script: str, **spec: object) -> dict:
     tt = doc["spec"]["trialTemplate"]
     refs = {tp["reference"]: tp["name"] for tp in tt["trialParameters"]}
     for rs in tt["trialSpec"]["spec"]["pytorchReplicaSpecs"].values():
+        rs["template"]["spec"]["containers"][0].pop("args", None)
         rs["template"]["spec"]["containers"][0]["command"] = [
-            sys.executable, "-c", script, *("${trialParameters.%s}" % refs[t] for t in TENSIONS),
+            # The base Experiment's encoding: an int 0..100 passed on as <int>e-2.
+            sys.executable, "-c", script, *("${trialParameters.%s}e-2" % refs[t] for t in TENSIONS),
             "--out", "/checkpoints/${trialParameters.trialName}", "--steps", "300",
         ]
     doc["spec"].update(spec)
@@ -74,10 +76,10 @@ def test_random_sweep_runs_the_budget_and_writes_results(tmp_path: Path, capsys)
     table = rows(workdir)
     assert len(table) == 4 and {r["status"] for r in table} == {"Succeeded"}
     for r in table:
-        c, e, f = (float(r[t]) for t in TENSIONS)
+        c, e, f = (int(r[t]) / 100 for t in TENSIONS)
         # The max strategy picks the second, higher line the script printed, not the latest or the first.
         assert float(r["relevance_score"]) == pytest.approx(1 - ((c - .2) ** 2 + (e - .7) ** 2 + (f - .5) ** 2), abs=1e-4)
-        assert 0.01 <= c <= 1.0
+        assert 0.0 <= c <= 1.0
     result = json.loads((workdir / "results.json").read_text())
     assert result["status"] == "Succeeded" and result["reason"] == "MaxTrialsReached"
     best = max(table, key=lambda r: float(r["relevance_score"]))
@@ -114,17 +116,54 @@ def test_failed_trials_count_against_max_failed(tmp_path: Path, capsys, script: 
     assert "no trial reported the objective metric" in capsys.readouterr().out
 
 
-def test_bayesian_sweep_uses_the_gp_and_reports_ignored_settings(tmp_path: Path, capsys) -> None:
-    doc = trial_doc(SCORE, parallelTrialCount=1)
+def test_bayesian_sweep_runs_katibs_skopt_service_round_by_round(tmp_path: Path, capsys) -> None:
+    """The local sweep asks skopt exactly as Katib does: parallelTrialCount at first, then one per finished trial."""
+    import skopt
+
+    doc = trial_doc(SCORE, parallelTrialCount=2)
     doc["spec"]["objective"]["goal"] = 2.0
-    # Two random starts, then the GP proposes trials 3 and 4.
     doc["spec"]["algorithm"]["algorithmSettings"][1] = {"name": "n_initial_points", "value": "2"}
     workdir = tmp_path / "out"
     assert main(["sweep", str(write(tmp_path, doc)), "--local", "--max-trials", "4", "--workdir", str(workdir)]) == 0
-    out = capsys.readouterr().out
-    assert "acq_func=EI ignored" in out and "acq_optimizer=auto ignored" in out
-    result = json.loads((workdir / "results.json").read_text())
-    assert result["algorithm"]["name"] == "bayesianoptimization" and len(result["trials"]) == 4
+    table = rows(workdir)
+    assert len(table) == 4 and {r["status"] for r in table} == {"Succeeded"}
+    # Katib's base_service.py configured by hand from the manifest's settings (EI, GP, auto, random_state 42).
+    opt = skopt.Optimizer([skopt.space.Integer(0, 100) for _ in TENSIONS], base_estimator="GP", n_initial_points=2,
+                          acq_func="EI", acq_optimizer="auto", random_state=42)
+    expected = opt.ask(n_points=2)
+    assert [[int(r[t]) for t in TENSIONS] for r in table[:2]] == [[int(v) for v in x] for x in expected]
+    # Trials finish in any order locally; the GP's later proposals are the skopt ones after those tells.
+    assert json.loads((workdir / "results.json").read_text())["algorithm"]["name"] == "bayesianoptimization"
+
+
+def test_local_sweep_and_cluster_ask_for_the_same_first_trials() -> None:
+    """Katib's service (configured from its source as the test writes it out) and ours agree on the first round."""
+    import skopt
+
+    from pipelines.katib_suggestion import make_service
+
+    exp = parse_experiment(yaml.safe_load(BASE.read_text()))
+    ours = make_service(exp.algorithm, exp.parameters, exp.settings, True).get_suggestions([], exp.parallel)
+    settings = {s["name"]: s["value"] for s in yaml.safe_load(BASE.read_text())["spec"]["algorithm"]["algorithmSettings"]}
+    space = [skopt.space.Integer(int(p.min), int(p.max), name=p.name) for p in exp.parameters]
+    katib = skopt.Optimizer(space, base_estimator=settings["base_estimator"],
+                            n_initial_points=int(settings["n_initial_points"]), acq_func=settings["acq_func"],
+                            acq_optimizer=settings["acq_optimizer"], random_state=int(settings["random_state"]))
+    assert ours == [{p.name: str(v) for p, v in zip(exp.parameters, x)} for x in katib.ask(n_points=exp.parallel)]
+
+
+def test_failed_trials_are_not_told_and_skopt_repeats_its_proposal() -> None:
+    """Katib tells skopt only succeeded trials: after the initial points, a failure gets the same point again."""
+    from pipelines.katib_suggestion import Observed, make_service
+
+    exp = parse_experiment(yaml.safe_load(BASE.read_text()))
+    service = make_service(exp.algorithm, exp.parameters, {**exp.settings, "n_initial_points": "2"}, True)
+    first = service.get_suggestions([], 2)
+    observed = [Observed(f"t{i}", a, 0.5 + i / 10) for i, a in enumerate(first)]
+    proposal = service.get_suggestions(observed, 1)
+    assert service.get_suggestions(observed, 1) == proposal  # the trial failed: nothing new to tell
+    observed.append(Observed("t2", proposal[0], 0.1))
+    assert service.get_suggestions(observed, 1) != proposal
 
 
 def test_same_random_state_gives_the_same_trials(tmp_path: Path) -> None:
@@ -136,33 +175,11 @@ def test_same_random_state_gives_the_same_trials(tmp_path: Path) -> None:
     assert params[0] == params[1]
 
 
-def test_sampler_mapping_follows_katib_settings() -> None:
-    doc = trial_doc(SCORE)
-    doc["spec"]["algorithm"]["algorithmSettings"] = [{"name": "base_estimator", "value": "RF"},
-                                                     {"name": "n_initial_points", "value": "3"}]
-    sampler, notes = sweep.make_sampler(parse_experiment(doc))
-    assert type(sampler).__name__ == "GPSampler"
-    assert any("base_estimator=RF ignored" in n for n in notes)
-
-
-def test_bayesian_search_is_log_uniform_as_katib_v019_makes_it() -> None:
-    space = sweep.distributions(parse_experiment(trial_doc(SCORE)))
-    assert all(space[t].log and space[t].low == 0.01 for t in TENSIONS)
-    doc = trial_doc(SCORE)
-    doc["spec"]["algorithm"] = {"algorithmName": "random"}
-    for p in doc["spec"]["parameters"]:
-        p["feasibleSpace"]["distribution"] = "uniform"
-    assert not any(s.log for s in sweep.distributions(parse_experiment(doc)).values())
-    doc["spec"]["algorithm"] = {"algorithmName": "bayesianoptimization"}
-    doc["spec"]["parameters"][0]["feasibleSpace"]["min"] = "0"
-    with pytest.raises(sweep.SweepError, match="min=0.0 must be > 0"):
-        sweep.distributions(parse_experiment(doc))
-
-
 def test_set_overrides_trainer_flags_in_every_replica() -> None:
     doc, _ = sweep.apply_overrides(yaml.safe_load(BASE.read_text()), sets=["steps=60", "eval-every=20", "lr=0.01"])
     for rs in doc["spec"]["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"].values():
-        command = rs["template"]["spec"]["containers"][0]["command"]
+        container = rs["template"]["spec"]["containers"][0]
+        command = [*container["command"], *container["args"]]
         assert command[command.index("--steps") + 1] == "60"
         assert command[command.index("--eval-every") + 1] == "20"
         assert command.count("--lr") == 1 and command[command.index("--lr") + 1] == "0.01"
@@ -202,7 +219,7 @@ def test_bad_manifest_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
 def test_unknown_algorithm_on_the_command_line_is_exit_2(capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main(["sweep", str(BASE), "--local", "--algorithm", "grid"])
-    assert info.value.code == 2 and "choose from 'bayesianoptimization', 'random'" in capsys.readouterr().err
+    assert info.value.code == 2 and "choose from 'bayesianoptimization', 'tpe', 'multivariate-tpe', 'cmaes', 'random'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ cluster (kmock)

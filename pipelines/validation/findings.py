@@ -29,9 +29,11 @@ class Finding:
     name: str
     path: str
     message: str
+    warning: bool = False  # printed, but does not fail validation
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.kind}/{self.namespace}/{self.name}: {self.path}: {self.message}"
+        prefix = "warning: " if self.warning else ""
+        return f"{prefix}{self.file}: {self.kind}/{self.namespace}/{self.name}: {self.path}: {self.message}"
 
 
 @dataclass
@@ -53,6 +55,6 @@ class Doc:
     def name(self) -> str:
         return str((self.obj.get("metadata") or {}).get("name") or "?")
 
-    def finding(self, path: Iterable[object] | str, message: str) -> Finding:
+    def finding(self, path: Iterable[object] | str, message: str, warning: bool = False) -> Finding:
         text = path if isinstance(path, str) else field_path(path)
-        return Finding(self.source, self.kind, self.namespace, self.name, text, message)
+        return Finding(self.source, self.kind, self.namespace, self.name, text, message, warning)

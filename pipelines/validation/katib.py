@@ -3,21 +3,23 @@ ${trialParameters.x} placeholders replaced the way the Katib controller does it.
 from __future__ import annotations
 
 import json
+import math
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
+from pipelines.katib_experiment import (
+    OBJECTIVE_TYPES,
+    PARAMETER_TYPES,
+    RESUME_POLICIES,
+    SKOPT_ALGORITHM,
+    TrialParameter,
+    setting_problem,
+    skopt_double_problem,
+    space_problem,
+    substitute_trial_parameters,
+)
 from pipelines.validation.findings import Doc, Finding
 
-PARAMETER_TYPES = ("int", "double", "categorical", "discrete")
-OBJECTIVE_TYPES = ("minimize", "maximize")
-RESUME_POLICIES = ("Never", "LongRunning", "FromVolume")
-BAYES_SETTINGS = {
-    "base_estimator": ("GP", "RF", "ET", "GBRT"),
-    "acq_func": ("gp_hedge", "LCB", "EI", "PI", "EIps", "PIps"),
-    "acq_optimizer": ("auto", "sampling", "lbfgs"),
-    "n_initial_points": None,  # int >= 0
-    "random_state": None,
-}
 _PLACEHOLDER = re.compile(r"\$\{trialParameters\.([^}]+)\}")
 # Trial metadata a trial parameter may reference instead of a search parameter.
 _TRIAL_META = re.compile(r"\$\{trialSpec\.(Name|Namespace|Kind|APIVersion|Labels\[[^]]+\]|Annotations\[[^]]+\])\}")
@@ -43,29 +45,30 @@ def check_experiment(doc: Doc) -> Iterator[Finding]:
         if ptype not in PARAMETER_TYPES:
             yield doc.finding(here + ["parameterType"], f"{ptype!r} is not allowed; allowed: {', '.join(PARAMETER_TYPES)}")
         space = param.get("feasibleSpace") or {}
-        if algorithm == "bayesianoptimization" and ptype == "double":
+        if algorithm == SKOPT_ALGORITHM and ptype == "double":
             try:
-                low = float(space.get("min", "nan"))
+                low, high = float(space.get("min", "nan")), float(space.get("max", "nan"))
             except ValueError:
-                low = float("nan")
-            if not low > 0:
-                yield doc.finding(here + ["feasibleSpace", "min"], "bayesianoptimization samples doubles log-uniformly: min must be > 0")
+                low = high = math.nan
+            finite = math.isfinite(low) and math.isfinite(high)
+            found = skopt_double_problem(low, high) if finite else ("error", "min and max must be numbers")
+            if found:
+                level, message = found
+                where = here + ["feasibleSpace"] + ([] if level == "warning" else ["min"])
+                yield doc.finding(where, f"{param.get('name')}: {message}", warning=level == "warning")
+    problem = space_problem(algorithm, [str(p.get("parameterType")) for p in spec.get("parameters") or []])
+    if problem:
+        yield doc.finding(["spec", "parameters"], problem)
     objective = (spec.get("objective") or {}).get("type")
     if objective is not None and objective not in OBJECTIVE_TYPES:
         yield doc.finding(["spec", "objective", "type"], f"{objective!r} is not allowed; allowed: {', '.join(OBJECTIVE_TYPES)}")
     resume = spec.get("resumePolicy")
     if resume is not None and resume not in RESUME_POLICIES:
         yield doc.finding(["spec", "resumePolicy"], f"{resume!r} is not allowed; allowed: {', '.join(RESUME_POLICIES)}")
-    if algorithm == "bayesianoptimization":
-        for index, setting in enumerate((spec.get("algorithm") or {}).get("algorithmSettings") or []):
-            name, value = setting.get("name"), str(setting.get("value"))
-            here = ["spec", "algorithm", "algorithmSettings", index]
-            if name not in BAYES_SETTINGS:
-                yield doc.finding(here + ["name"], f"{name!r} is not allowed; allowed: {', '.join(BAYES_SETTINGS)}")
-            elif BAYES_SETTINGS[name] is None and not value.isdigit():
-                yield doc.finding(here + ["value"], f"{name} must be an integer >= 0, got {value!r}")
-            elif BAYES_SETTINGS[name] is not None and value not in BAYES_SETTINGS[name]:
-                yield doc.finding(here + ["value"], f"{value!r} is not allowed; allowed: {', '.join(BAYES_SETTINGS[name])}")
+    for index, setting in enumerate((spec.get("algorithm") or {}).get("algorithmSettings") or []):
+        problem = setting_problem(str(algorithm), str(setting.get("name")), str(setting.get("value")))
+        if problem:
+            yield doc.finding(["spec", "algorithm", "algorithmSettings", index], problem)
     template = spec.get("trialTemplate") or {}
     declared = {}
     for index, tp in enumerate(template.get("trialParameters") or []):
@@ -78,29 +81,21 @@ def check_experiment(doc: Doc) -> Iterator[Finding]:
 
 
 def substituted_trial_spec(doc: Doc) -> dict | None:
-    """The trial spec as a trial would receive it: placeholders replaced inside the JSON text, so a
-    placeholder standing for a whole field stays a string, exactly as in Katib."""
+    """The trial spec as a trial would receive it, substituted by the runtime's own function with a
+    plausible value per parameter; None when there is no trial spec or a placeholder cannot be filled."""
     spec = doc.obj.get("spec") or {}
     template = spec.get("trialTemplate") or {}
     trial = template.get("trialSpec")
     if not isinstance(trial, dict):
         return None
     params = {p.get("name"): p for p in spec.get("parameters") or [] if isinstance(p, dict)}
-    meta = {
-        "Name": f"{doc.name}-trial0",
-        "Namespace": doc.namespace or "default",
-        "Kind": str(trial.get("kind", "")),
-        "APIVersion": str(trial.get("apiVersion", "")),
-    }
-
-    def value(reference: str) -> str:
-        if reference in params:
-            return _sample(params[reference])
-        match = _TRIAL_META.fullmatch(reference)
-        return meta.get(match.group(1), "x") if match else "x"
-
-    values = {tp.get("name"): value(str(tp.get("reference"))) for tp in template.get("trialParameters") or []}
-    text = json.dumps(trial)
-    text = _PLACEHOLDER.sub(lambda m: json.dumps(values.get(m.group(1), "x"))[1:-1], text)
-    text = _TRIAL_META.sub(lambda m: json.dumps(meta.get(m.group(1), "x"))[1:-1], text)
-    return json.loads(text)
+    declared = [TrialParameter(str(tp.get("name")), str(tp.get("reference")))
+                for tp in template.get("trialParameters") or [] if isinstance(tp, dict)]
+    values = {name: _sample(p) for name, p in params.items()}
+    known = [tp for tp in declared if tp.reference in values or _TRIAL_META.fullmatch(tp.reference)]
+    try:
+        job = substitute_trial_parameters(trial, known, values, f"{doc.name}-trial0", doc.namespace or "default")
+    except json.JSONDecodeError:
+        return None
+    # Placeholders check_experiment reports as undeclared get a stand-in, so the rest is still checked.
+    return json.loads(_PLACEHOLDER.sub("x", json.dumps(job)))

@@ -1,0 +1,82 @@
+"""The Katib trial template is generated from the PyTorchJob builder: the checked-in file is current, and
+`arrcoc compile` rewrites every generated file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from pipelines import compile as compile_module
+from pipelines import katib_trial_spec
+from pipelines.cli import main
+from pipelines.katib_experiment import read_experiment, render_trial
+from pipelines.pytorchjob import build_pytorchjob, to_manifest
+from pipelines.team_config import TeamConfig
+from trainer.config import TrainConfig
+
+EXPERIMENT = katib_trial_spec.EXPERIMENT
+
+
+def test_checked_in_trial_template_is_current() -> None:
+    text = EXPERIMENT.read_text()
+    assert katib_trial_spec.generate(text) == text, \
+        "katib/base/experiment.yaml's trialSpec is stale: run `arrcoc compile` and commit the diff"
+
+
+def test_trial_is_the_builders_job_with_katib_placeholders() -> None:
+    exp = read_experiment(EXPERIMENT)
+    job = render_trial(exp, "arrcoc-tensions-001", {p.name: "37" for p in exp.parameters}, namespace="team-vision")
+    team = TeamConfig.from_file(katib_trial_spec.BASE_TEAM_CONFIG)
+    built = to_manifest(build_pytorchjob("arrcoc-tensions-001", team=team, workers=1,
+                                         trainer_args=["--steps", "300"]))
+    for replica in ("Master", "Worker"):
+        pod = job["spec"]["pytorchReplicaSpecs"][replica]["template"]["spec"]
+        same = built["spec"]["pytorchReplicaSpecs"][replica]["template"]["spec"]
+        (container,) = pod["containers"]
+        (reference,) = same["containers"]
+        for key in ("image", "resources", "securityContext", "volumeMounts", "ports"):
+            assert container[key] == reference[key], (replica, key)
+        assert pod["volumes"] == same["volumes"] and pod["securityContext"] == same["securityContext"]
+        assert pod["priorityClassName"] == "arrcoc-sweep"
+        assert container["command"] == ["torchrun", "-m", "trainer"]
+        assert container["lifecycle"]["preStop"]["exec"]["command"] == ["python", "-m", "trainer.prestop"]
+        args = container["args"]
+        value = dict(zip(args[::2], args[1::2]))
+        # The trainer's defaults, and each tension as hundredths the trainer parses as a float.
+        defaults = TrainConfig()
+        assert value["--steps"] == str(defaults.steps) and value["--lr"] == str(defaults.lr)
+        assert value["--exploit-vs-explore"] == "37e-2" and float(value["--exploit-vs-explore"]) == 0.37
+        assert value["--out"] == "/checkpoints/arrcoc-tensions-001"
+        assert all(" " not in a and '"' not in a for a in [*container["command"], *args])
+    assert "metadata" not in exp.trial_spec or not {"name", "namespace"} & set(exp.trial_spec["metadata"])
+
+
+def test_a_changed_default_makes_the_file_stale(monkeypatch) -> None:
+    text = EXPERIMENT.read_text()
+    monkeypatch.setattr(katib_trial_spec, "TRIAL_FLAGS", (*katib_trial_spec.TRIAL_FLAGS, "warmup_steps"))
+    assert katib_trial_spec.generate(text) != text
+
+
+def test_compile_regenerates_every_generated_file(tmp_path: Path, monkeypatch, capsys) -> None:
+    experiment = tmp_path / "experiment.yaml"
+    head, _ = katib_trial_spec.split(EXPERIMENT.read_text())
+    experiment.write_text(head + "    trialSpec: {}\n")
+    monkeypatch.setattr(katib_trial_spec, "EXPERIMENT", experiment)
+    monkeypatch.setattr(compile_module, "EXAMPLES_DIR", tmp_path / "examples")
+    assert main(["compile", "--out-dir", str(tmp_path / "compiled")]) == 0
+    assert experiment.read_text() == EXPERIMENT.read_text()
+    for name in compile_module.EXAMPLES:
+        assert (tmp_path / "examples" / name).read_text() == (compile_module.Path(compile_module.__file__).parent
+                                                              / "examples" / name).read_text()
+    assert not [p for p in tmp_path.rglob(".*")], "temporary files left behind"
+
+
+def test_missing_marker_is_one_line_error(tmp_path: Path) -> None:
+    doc = yaml.safe_load(EXPERIMENT.read_text())
+    try:
+        katib_trial_spec.generate(json.dumps(doc))
+    except katib_trial_spec.TrialSpecError as exc:
+        assert "is missing" in str(exc) and "\n" not in str(exc) and exc.exit_code == 2
+    else:
+        raise AssertionError("expected TrialSpecError")
