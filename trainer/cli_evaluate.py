@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import write_json_atomic
+    from .files import write_json_atomic
     from .evaluation import eval_source, evaluate, report
     from .model import AdapterError, ArrCoc
 

@@ -10,41 +10,70 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
 
 from .config import TrainConfig
-from .data import EVAL_OFFSET, SceneSource, write_json_atomic
+from .data import EVAL_OFFSET, SceneDataset, SceneSource, collate
+from .distributed import World
+from .files import write_json_atomic
 
 METRICS = ("relevance_score", "recall_at_k", "answer_accuracy", "eval_loss")
 
 
 def eval_source(cfg: TrainConfig) -> SceneSource:
-    return SceneSource(cfg.seed, EVAL_OFFSET, cfg.eval_data)
+    return SceneSource(cfg.seed, EVAL_OFFSET, cfg.eval_data, cfg.image_size, cfg.grid)
+
+
+def shard(count: int, world: World) -> np.ndarray:
+    """This rank's contiguous share of samples 0..count-1 (shares differ by at most one sample)."""
+    return np.array_split(np.arange(count), world.world_size)[world.rank]
+
+
+def load_eval_batches(source: SceneSource, indices: np.ndarray, batch_size: int, num_workers: int,
+                      pin_memory: bool = False) -> list[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """The eval set, read once through a DataLoader (worker processes, not the training thread) and kept on the
+    host: every evaluation of a run scores the same samples. Each entry: (sample indices, batch)."""
+    loader = DataLoader(Subset(SceneDataset(source), indices.tolist()), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory)
+    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    return list(zip(chunks, loader))
 
 
 @torch.no_grad()
-def evaluate(model, cfg: TrainConfig, source: SceneSource, device: torch.device,
-             random_allocation: bool = False) -> dict[str, float]:
-    """Mean metrics over samples 0..eval_size-1 of the eval stream. No noise, no RNG use, except the
-    random-allocation baseline, which draws its relevance from its own generator seeded by cfg.seed."""
+def score(model, cfg: TrainConfig, batches, device: torch.device, world: World = World(),
+          random_allocation: bool = False) -> dict[str, float]:
+    """Mean metrics over the eval set, each rank scoring its batches and the sums all-reduced (one host sync
+    per evaluation). No noise, no RNG use, except the random-allocation baseline, whose relevance maps come
+    from one generator seeded by cfg.seed (sample i gets row i whatever the sharding)."""
     was_training = model.training
     model.eval()
-    generator = torch.Generator().manual_seed(cfg.seed)
-    totals = dict.fromkeys(METRICS, 0.0)
-    # Batches of the training batch size: known to fit the device, and on CPU faster than larger ones.
-    for start in range(0, cfg.eval_size, cfg.batch_size):
-        idx = np.arange(start, min(start + cfg.batch_size, cfg.eval_size))
-        batch = {k: torch.from_numpy(v).to(device) for k, v in source.batch(idx).items()}
-        n = len(idx)
-        random_r = torch.rand((n, cfg.grid * cfg.grid), generator=generator).to(device) if random_allocation else None
+    random_maps = torch.rand((cfg.eval_size, cfg.grid * cfg.grid), generator=torch.Generator().manual_seed(cfg.seed)) \
+        if random_allocation else None
+    totals = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
+    for indices, host_batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in host_batch.items()}
+        random_r = random_maps[torch.from_numpy(indices)].to(device) if random_allocation else None
         out = model(batch, random_relevance=random_r)
         truth = batch["relevance"].flatten(1)
         truth = truth / truth.sum(-1, keepdim=True).clamp_min(1e-8)
-        totals["relevance_score"] += torch.minimum(out["share"], truth).sum(-1).sum().item()
-        totals["recall_at_k"] += truth.gather(1, out["selected"]).sum(-1).sum().item()
-        totals["answer_accuracy"] += (out["prediction"] == batch["answers"]).float().sum().item()
-        totals["eval_loss"] += out["answer_loss"].sum().item()
+        totals += torch.stack([
+            torch.minimum(out["share"], truth).sum(),
+            truth.gather(1, out["selected"]).sum(),
+            (out["prediction"] == batch["answers"]).sum(),
+            out["answer_loss"].sum(),
+        ]).to(totals.dtype)
+    if world.distributed:
+        dist.all_reduce(totals)
     model.train(was_training)
-    return {k: v / cfg.eval_size for k, v in totals.items()}
+    return dict(zip(METRICS, (totals / cfg.eval_size).tolist()))
+
+
+def evaluate(model, cfg: TrainConfig, source: SceneSource, device: torch.device,
+             random_allocation: bool = False) -> dict[str, float]:
+    """Single-process mean metrics over samples 0..eval_size-1 of the eval stream (the CLIs' entry point)."""
+    batches = load_eval_batches(source, np.arange(cfg.eval_size), cfg.batch_size, num_workers=0)
+    return score(model, cfg, batches, device, random_allocation=random_allocation)
 
 
 def report(metrics: dict[str, float], stream=None) -> None:

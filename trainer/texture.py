@@ -11,6 +11,7 @@ what else is in the batch.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import cv2
@@ -90,7 +91,11 @@ def cell_features(images: torch.Tensor, grid: int = 8) -> CellFeatures:
     lab = _srgb_to_lab(rgb)
     cmax, cmin = rgb.max(1).values, rgb.min(1).values
     saturation = torch.where(cmax > 0, (cmax - cmin) / cmax.clamp_min(1e-12), torch.zeros_like(cmax))
-    yy, xx, ecc = (torch.from_numpy(a).float().expand(b, h, w) for a in _positions(h, w))
+    # The position planes are built on the images' device: a host tensor here breaks (or syncs) every GPU step.
+    ys = (torch.arange(h, device=rgb.device, dtype=rgb.dtype) + 0.5) / h
+    xs = (torch.arange(w, device=rgb.device, dtype=rgb.dtype) + 0.5) / w
+    yy, xx = (a.expand(b, h, w) for a in torch.meshgrid(ys, xs, indexing="ij"))
+    ecc = torch.sqrt((yy - 0.5) ** 2 + (xx - 0.5) ** 2) / math.sqrt(0.5)
     pixels = torch.stack([
         rgb[:, 0], rgb[:, 1], rgb[:, 2],
         lab[:, 0] / 100.0, lab[:, 1] / 255.0 + 0.5, lab[:, 2] / 255.0 + 0.5,
@@ -101,8 +106,11 @@ def cell_features(images: torch.Tensor, grid: int = 8) -> CellFeatures:
     gray_cells = gray[:, 0].reshape(b, grid, ch, grid, cw)
     texture[:, 11] = gray_cells.std(dim=(2, 4), unbiased=False)
     bins = (gray_cells * ENTROPY_BINS).long().clamp(0, ENTROPY_BINS - 1)
-    hist = F.one_hot(bins, ENTROPY_BINS).float().mean(dim=(2, 4))  # [B,G,G,bins]
-    entropy = -(hist * hist.clamp_min(1e-12).log()).sum(-1) / np.log(ENTROPY_BINS)
+    # A histogram by scatter_add, not one_hot: one_hot checks the bin range on the host (a sync per batch).
+    flat_bins = bins.permute(0, 1, 3, 2, 4).reshape(b, grid, grid, ch * cw)
+    hist = torch.zeros(b, grid, grid, ENTROPY_BINS, device=rgb.device, dtype=rgb.dtype)
+    hist = hist.scatter_add_(-1, flat_bins, torch.ones_like(flat_bins, dtype=rgb.dtype)) / (ch * cw)  # [B,G,G,bins]
+    entropy = -(hist * hist.clamp_min(1e-12).log()).sum(-1) / math.log(ENTROPY_BINS)
     edges = F.avg_pool2d(torch.sqrt(gx ** 2 + gy ** 2), (ch, cw))[:, 0]
     cells = rgb.reshape(b, 3, grid, ch, grid, cw).permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, 3, ch, cw)
     return CellFeatures(texture, entropy, edges, cells)
