@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +163,33 @@ class SceneDataset(torch.utils.data.Dataset):
 
 
 collate = torch.utils.data.default_collate  # stacks each key of the sample dicts
+
+
+def quiet_worker(_worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the trainer: a Ctrl-C reaches the whole process group, and a
+    worker dying of it would fail the loader before the trainer could checkpoint."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """This rank's sample indices, endlessly, epoch after epoch, starting after the first `skip` of them.
+
+    Each epoch is torch's DistributedSampler at set_epoch(epoch): one permutation from (seed, epoch), every rank
+    a different shard of it. A resumed run passes the count its rank had consumed and continues exactly there.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, skip: int = 0):
+        self.dataset, self.num_replicas, self.rank, self.seed, self.skip = dataset, num_replicas, rank, seed, skip
+
+    def __iter__(self):
+        epoch_sampler = torch.utils.data.DistributedSampler(
+            self.dataset, num_replicas=self.num_replicas, rank=self.rank, shuffle=True, seed=self.seed, drop_last=True)
+        epoch, skip = divmod(self.skip, len(epoch_sampler))
+        while True:
+            epoch_sampler.set_epoch(epoch)
+            yield from itertools.islice(iter(epoch_sampler), skip, None)
+            epoch, skip = epoch + 1, 0
 
 
 DATASET_KEYS = ("images", "queries", "answers", "relevance")

@@ -5,16 +5,17 @@ calls `report`, so a multi-replica job reports once.
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from .config import TrainConfig
-from .data import EVAL_OFFSET, SceneDataset, SceneSource, collate
+from .data import EVAL_OFFSET, SceneDataset, SceneSource, collate, quiet_worker
 from .distributed import World
 from .files import write_json_atomic
 
@@ -30,13 +31,18 @@ def shard(count: int, world: World) -> np.ndarray:
     return np.array_split(np.arange(count), world.world_size)[world.rank]
 
 
-def load_eval_batches(source: SceneSource, indices: np.ndarray, batch_size: int, num_workers: int,
+def batches_per_rank(cfg: TrainConfig, world: World) -> int:
+    """Every rank runs the same number of eval forwards (a sharded model's forward is a collective)."""
+    return math.ceil(math.ceil(cfg.eval_size / world.world_size) / cfg.batch_size)
+
+
+def load_eval_batches(source: SceneSource, indices: np.ndarray, batch_count: int, num_workers: int,
                       pin_memory: bool = False) -> list[tuple[np.ndarray, dict[str, torch.Tensor]]]:
     """The eval set, read once through a DataLoader (worker processes, not the training thread) and kept on the
     host: every evaluation of a run scores the same samples. Each entry: (sample indices, batch)."""
-    loader = DataLoader(Subset(SceneDataset(source), indices.tolist()), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory)
-    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    chunks = [c for c in np.array_split(indices, batch_count) if len(c)]
+    loader = DataLoader(SceneDataset(source), batch_sampler=[c.tolist() for c in chunks], num_workers=num_workers,
+                        collate_fn=collate, pin_memory=pin_memory, worker_init_fn=quiet_worker)
     return list(zip(chunks, loader))
 
 
@@ -72,7 +78,7 @@ def score(model, cfg: TrainConfig, batches, device: torch.device, world: World =
 def evaluate(model, cfg: TrainConfig, source: SceneSource, device: torch.device,
              random_allocation: bool = False) -> dict[str, float]:
     """Single-process mean metrics over samples 0..eval_size-1 of the eval stream (the CLIs' entry point)."""
-    batches = load_eval_batches(source, np.arange(cfg.eval_size), cfg.batch_size, num_workers=0)
+    batches = load_eval_batches(source, np.arange(cfg.eval_size), batches_per_rank(cfg, World()), num_workers=0)
     return score(model, cfg, batches, device, random_allocation=random_allocation)
 
 
@@ -83,7 +89,12 @@ def report(metrics: dict[str, float], stream=None) -> None:
     stream.flush()
 
 
-def write_metrics(out: Path, step: int, metrics: dict[str, float], history: list[dict], cfg: TrainConfig) -> None:
+def write_metrics(out: Path, step: int, metrics: dict[str, float], history: list[dict], cfg: TrainConfig,
+                  loss_curve: list[dict] | None = None, checkpoints_skipped: int = 0) -> None:
+    """OUT/metrics.json: the latest evaluation, every evaluation so far, the training-loss curve, and how many
+    unreadable checkpoints the last resume skipped (the pipeline's report draws its curves from this file)."""
+    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "metrics.json", {
-        "step": step, **metrics, "tensions": cfg.tensions(), "history": history,
+        "step": step, **metrics, "tensions": cfg.tensions(), "history": history, "loss_curve": loss_curve or [],
+        "checkpoints_skipped": checkpoints_skipped,
     })

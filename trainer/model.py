@@ -285,3 +285,19 @@ ADAPTER_CONFIG = "arrcoc_config.json"
 
 class AdapterError(ValueError):
     exit_code = 2
+
+
+@torch.no_grad()
+def allocation_pictures(model: ArrCoc, scenes: dict) -> torch.Tensor:
+    """[N,3,H,2W] in [0,1]: each eval scene beside its allocation share, a heat map upsampled to the image."""
+    was_training = model.training
+    model.eval()
+    device = model.device
+    batch = {k: torch.as_tensor(v).to(device) for k, v in scenes.items()}
+    share = model(batch)["share"].float()
+    model.train(was_training)
+    images = batch["images"].permute(0, 3, 1, 2).float() / 255.0
+    g = model.cfg.grid
+    heat = share.reshape(-1, 1, g, g) / share.amax(dim=1).clamp_min(1e-8).view(-1, 1, 1, 1)
+    heat = F.interpolate(heat, size=images.shape[-2:], mode="nearest").expand(-1, 3, -1, -1)
+    return torch.cat([images, heat], dim=-1).cpu()
