@@ -46,6 +46,18 @@ def load_eval_batches(source: SceneSource, indices: np.ndarray, batch_count: int
     return list(zip(chunks, loader))
 
 
+def batch_sums(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The METRICS summed over one batch, as one tensor on the batch's device (no host sync)."""
+    truth = batch["relevance"].flatten(1)
+    truth = truth / truth.sum(-1, keepdim=True).clamp_min(1e-8)
+    return torch.stack([
+        torch.minimum(out["share"].float(), truth).sum(),
+        truth.gather(1, out["selected"]).sum(),
+        (out["prediction"] == batch["answers"]).sum().float(),
+        out["answer_loss"].sum(),
+    ])
+
+
 @torch.no_grad()
 def score(model, cfg: TrainConfig, batches, device: torch.device, world: World = World(),
           random_allocation: bool = False) -> dict[str, float]:
@@ -60,15 +72,7 @@ def score(model, cfg: TrainConfig, batches, device: torch.device, world: World =
     for indices, host_batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in host_batch.items()}
         random_r = random_maps[torch.from_numpy(indices)].to(device) if random_allocation else None
-        out = model(batch, random_relevance=random_r)
-        truth = batch["relevance"].flatten(1)
-        truth = truth / truth.sum(-1, keepdim=True).clamp_min(1e-8)
-        totals += torch.stack([
-            torch.minimum(out["share"], truth).sum(),
-            truth.gather(1, out["selected"]).sum(),
-            (out["prediction"] == batch["answers"]).sum(),
-            out["answer_loss"].sum(),
-        ]).to(totals.dtype)
+        totals += batch_sums(model(batch, random_relevance=random_r), batch).to(totals.dtype)
     if world.distributed:
         dist.all_reduce(totals)
     model.train(was_training)
