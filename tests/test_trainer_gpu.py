@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -213,3 +214,12 @@ def test_tensorboard_curves_hold_loss_lr_rate_every_metric_and_pictures(tmp_path
 def test_lr_schedule_is_per_optimizer_step():
     cfg = TrainConfig(steps=100, warmup_steps=10, grad_accum=4)
     assert np.isclose(lr_lambda(cfg)(9), 1.0)
+
+
+def test_the_gpu_benchmark_runs_its_cpu_path_and_says_so(tmp_path):
+    result = subprocess.run([sys.executable, "bench/gpu_step.py", "--json", str(tmp_path / "f.json")], cwd=REPO,
+                            env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "not GPU figures" in result.stdout
+    figures = json.loads((tmp_path / "f.json").read_text())
+    assert figures["gpu"] is False and figures["samples_per_s"] > 0 and figures["flops_per_token"] > 0

@@ -64,14 +64,15 @@ class CellFeatures(NamedTuple):
     pixels: torch.Tensor  # [B, G*G, 3, ch, cw] the cells' RGB pixels in [0,1]
 
 
-def _srgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+def _srgb_to_lab(rgb: torch.Tensor, linear: torch.Tensor | None = None) -> torch.Tensor:
     """[B,3,H,W] in [0,1] -> L in [0,100], a, b (D65), the conversion cv2.COLOR_RGB2Lab documents."""
-    linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    if linear is None:
+        linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
     m = rgb.new_tensor([[0.412453, 0.357580, 0.180423],
                         [0.212671, 0.715160, 0.072169],
                         [0.019334, 0.119193, 0.950227]])
+    m = m / rgb.new_tensor([0.950456, 1.0, 1.088754]).view(3, 1)  # white point folded into the matrix
     xyz = torch.einsum("ij,bjhw->bihw", m, linear)
-    xyz = xyz / rgb.new_tensor([0.950456, 1.0, 1.088754]).view(1, 3, 1, 1)
     t = 0.008856
     f = torch.where(xyz > t, xyz.clamp_min(1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
     y = xyz[:, 1]
@@ -79,38 +80,57 @@ def _srgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     return torch.stack([lightness, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], dim=1)
 
 
+def _srgb_linear_table(device: torch.device) -> torch.Tensor:
+    """sRGB decoding of the 256 byte values: a table lookup per pixel instead of a power."""
+    v = torch.arange(256, device=device, dtype=torch.float32) / 255.0
+    return torch.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+
+
 def cell_features(images: torch.Tensor, grid: int = 8) -> CellFeatures:
-    """images: [B,H,W,3] uint8 (or float in [0,255]) -> CellFeatures. No gradients flow here."""
+    """images: [B,H,W,3] uint8 (or float in [0,255]) -> CellFeatures. No gradients flow here.
+
+    Every channel that is a per-pixel mean is pooled to the cell grid before the channels are stacked, and the
+    image-independent planes (position, eccentricity) are built once per call at cell resolution: a 224x224
+    batch never holds a 13-channel full-resolution array."""
     b, h, w, _ = images.shape
-    rgb = images.permute(0, 3, 1, 2).float() / 255.0
+    ch, cw = h // grid, w // grid
+    device = images.device
+    chw = images.permute(0, 3, 1, 2)
+    rgb = chw.float() / 255.0
+    linear = _srgb_linear_table(device)[chw.long()] if images.dtype == torch.uint8 else None
     gray = (rgb * rgb.new_tensor(_GRAY).view(1, 3, 1, 1)).sum(1, keepdim=True)
     kernel = gray.new_tensor(_SOBEL_X)
     padded = F.pad(gray, (1, 1, 1, 1), mode="reflect")  # reflect == cv2's default BORDER_REFLECT_101
     gx = F.conv2d(padded, kernel.view(1, 1, 3, 3)) / 4.0
     gy = F.conv2d(padded, kernel.t().contiguous().view(1, 1, 3, 3)) / 4.0
-    lab = _srgb_to_lab(rgb)
-    cmax, cmin = rgb.max(1).values, rgb.min(1).values
+    lab = _srgb_to_lab(rgb, linear)
+    cmax, cmin = rgb.amax(1, keepdim=True), rgb.amin(1, keepdim=True)
     saturation = torch.where(cmax > 0, (cmax - cmin) / cmax.clamp_min(1e-12), torch.zeros_like(cmax))
+
+    def pool(t: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(t, (ch, cw))
+
     # The position planes are built on the images' device: a host tensor here breaks (or syncs) every GPU step.
-    ys = (torch.arange(h, device=rgb.device, dtype=rgb.dtype) + 0.5) / h
-    xs = (torch.arange(w, device=rgb.device, dtype=rgb.dtype) + 0.5) / w
-    yy, xx = (a.expand(b, h, w) for a in torch.meshgrid(ys, xs, indexing="ij"))
+    ys = (torch.arange(h, device=device, dtype=rgb.dtype) + 0.5) / h
+    xs = (torch.arange(w, device=device, dtype=rgb.dtype) + 0.5) / w
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     ecc = torch.sqrt((yy - 0.5) ** 2 + (xx - 0.5) ** 2) / math.sqrt(0.5)
-    pixels = torch.stack([
-        rgb[:, 0], rgb[:, 1], rgb[:, 2],
-        lab[:, 0] / 100.0, lab[:, 1] / 255.0 + 0.5, lab[:, 2] / 255.0 + 0.5,
-        gx[:, 0].abs(), gy[:, 0].abs(), yy, xx, ecc, torch.zeros_like(yy), saturation,
-    ], dim=1)
-    ch, cw = h // grid, w // grid
-    texture = F.avg_pool2d(pixels, (ch, cw))
-    gray_cells = gray[:, 0].reshape(b, grid, ch, grid, cw)
-    texture[:, 11] = gray_cells.std(dim=(2, 4), unbiased=False)
-    bins = (gray_cells * ENTROPY_BINS).long().clamp(0, ENTROPY_BINS - 1)
-    # A histogram by scatter_add, not one_hot: one_hot checks the bin range on the host (a sync per batch).
-    flat_bins = bins.permute(0, 1, 3, 2, 4).reshape(b, grid, grid, ch * cw)
-    hist = torch.zeros(b, grid, grid, ENTROPY_BINS, device=rgb.device, dtype=rgb.dtype)
-    hist = hist.scatter_add_(-1, flat_bins, torch.ones_like(flat_bins, dtype=rgb.dtype)) / (ch * cw)  # [B,G,G,bins]
+    position = pool(torch.stack([yy, xx, ecc])[None]).expand(b, -1, -1, -1)
+    gray_mean, gray_sq = pool(gray), pool(gray * gray)
+    contrast = (gray_sq - gray_mean * gray_mean).clamp_min(0).sqrt()
+    lab_scale = rgb.new_tensor([1 / 100.0, 1 / 255.0, 1 / 255.0]).view(1, 3, 1, 1)
+    lab_shift = rgb.new_tensor([0.0, 0.5, 0.5]).view(1, 3, 1, 1)
+    texture = torch.cat([pool(rgb), pool(lab) * lab_scale + lab_shift, pool(gx.abs()), pool(gy.abs()),
+                         position, contrast, pool(saturation)], dim=1)
+    # Gray-level entropy per cell: one scatter_add of (cell, bin) counts (one_hot would check the bin range on
+    # the host, a sync per batch).
+    cell_of_pixel = ((torch.arange(h, device=device) // ch)[:, None] * grid
+                     + (torch.arange(w, device=device) // cw)[None, :]).reshape(1, -1)
+    bins = (gray.reshape(b, -1) * ENTROPY_BINS).long().clamp(0, ENTROPY_BINS - 1) + cell_of_pixel * ENTROPY_BINS
+    hist = torch.zeros(b, grid * grid * ENTROPY_BINS, device=device, dtype=rgb.dtype)
+    hist = hist.scatter_add_(1, bins, torch.ones_like(bins, dtype=rgb.dtype)).view(b, grid, grid, ENTROPY_BINS)
+    hist = hist / (ch * cw)
     entropy = -(hist * hist.clamp_min(1e-12).log()).sum(-1) / math.log(ENTROPY_BINS)
-    edges = F.avg_pool2d(torch.sqrt(gx ** 2 + gy ** 2), (ch, cw))[:, 0]
+    edges = pool(torch.sqrt(gx ** 2 + gy ** 2))[:, 0]
     cells = rgb.reshape(b, 3, grid, ch, grid, cw).permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, 3, ch, cw)
     return CellFeatures(texture, entropy, edges, cells)
