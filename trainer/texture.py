@@ -5,7 +5,7 @@ Channels (per cell): 0-2 RGB, 3-5 CIELAB L*, a*, b* (scaled to ~[0,1]), 6-7 |Sob
 12 saturation. Everything is per image: no batch statistics, so a cell's features never depend on
 what else is in the batch.
 
-- `texture_cv2`: one RGB uint8 image with opencv, for the pipeline's data-prep of image files.
+- `texture_cv2`: one RGB uint8 image with opencv: the independent implementation the torch one is checked against.
 - `cell_features`: a batch with torch, for training; also returns the per-cell gray-level entropy and
   edge magnitude that the fixed scorers read.
 """
