@@ -83,6 +83,45 @@ def row_png(row: Row, dpi: int = 72) -> bytes:
     return buf.getvalue()
 
 
+def load_curves(adapter_dir) -> dict | None:
+    """The training run's curves saved beside the adapter (trainer.curves.TRAINING_CURVES), or None."""
+    import json
+    from pathlib import Path
+
+    from trainer.curves import TRAINING_CURVES
+
+    try:
+        return json.loads((Path(adapter_dir) / TRAINING_CURVES).read_text())
+    except (OSError, ValueError):
+        return None  # an adapter saved before curves were kept, or by another tool
+
+
+def curves_png(curves: Mapping[str, list], dpi: int = 72) -> bytes:
+    """Training loss and every evaluation metric against the optimizer step, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.0))
+    loss = curves.get("loss") or []
+    left.plot([p["step"] for p in loss], [p["loss"] for p in loss], marker=".")
+    left.set_title("training loss", fontsize=9)
+    left.set_xlabel("step", fontsize=8)
+    evals = curves.get("eval") or []
+    for name in (k for k in (evals[0] if evals else {}) if k != "step"):
+        right.plot([e["step"] for e in evals], [e[name] for e in evals], marker="o", label=name)
+    right.set_title("evaluation", fontsize=9)
+    right.set_xlabel("step", fontsize=8)
+    if evals:
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def _table(pairs: Sequence[tuple[str, str]]) -> str:
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in pairs)
     return f"<table>{cells}</table>"
@@ -93,7 +132,8 @@ def _fmt(value: object) -> str:
 
 
 def html_report(metrics: Mapping[str, float], baseline: Mapping[str, float], tensions: Mapping[str, float],
-                facts: Mapping[str, object], scene_rows: Sequence[Row], folder_rows: Sequence[Row]) -> str:
+                facts: Mapping[str, object], scene_rows: Sequence[Row], folder_rows: Sequence[Row],
+                curves: Mapping[str, list] | None = None) -> str:
     """The whole page; every picture is embedded (the KFP UI shows an HTML artifact as a single file)."""
     def figures(rows: Sequence[Row]) -> str:
         out = []
@@ -116,6 +156,13 @@ def html_report(metrics: Mapping[str, float], baseline: Mapping[str, float], ten
         "<h2>Metrics (eval set)</h2>", _table(metric_rows),
         "<h2>Tensions</h2>", _table([(k, _fmt(v)) for k, v in tensions.items()]),
         "<h2>Run</h2>", _table([(k, _fmt(v)) for k, v in facts.items()]),
+    ]
+    if curves:
+        data = base64.b64encode(curves_png(curves)).decode("ascii")
+        parts += ["<h2>Training curves</h2>",
+                  f'<figure><img src="data:image/png;base64,{data}" alt="training loss and evaluation curves">'
+                  "</figure>"]
+    parts += [
         f"<h2>Eval scenes ({len(scene_rows)})</h2>", figures(scene_rows),
     ]
     if folder_rows:

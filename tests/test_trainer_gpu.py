@@ -223,3 +223,18 @@ def test_the_gpu_benchmark_runs_its_cpu_path_and_says_so(tmp_path):
     assert "not GPU figures" in result.stdout
     figures = json.loads((tmp_path / "f.json").read_text())
     assert figures["gpu"] is False and figures["samples_per_s"] > 0 and figures["flops_per_token"] > 0
+
+
+def test_the_pipeline_report_draws_the_runs_loss_and_eval_curves(tmp_path):
+    from pipelines.report import html_report, load_curves
+
+    out = tmp_path / "run"
+    result = run_trainer("--steps", "10", *FAST, "--batch-size", "8", "--log-every", "5", "--eval-every", "5",
+                         "--num-workers", "0", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    curves = load_curves(out / "adapter")
+    assert [p["step"] for p in curves["loss"]] == [5, 10] and [e["step"] for e in curves["eval"]] == [5, 10]
+    metrics = {k: v for k, v in curves["eval"][-1].items() if k != "step"}
+    page = html_report(metrics, metrics, {}, {}, [], [], curves)
+    assert "Training curves" in page and page.count("data:image/png;base64,") == 1
+    assert "Training curves" not in html_report(metrics, metrics, {}, {}, [], [], load_curves(tmp_path))

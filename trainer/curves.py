@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 
 EVENTS_DIR = "tensorboard"
+# Inside the saved adapter: the run's loss and evaluation curves, for readers without TensorBoard (the
+# pipeline's HTML report): {"loss": [{"step", "loss"}...], "eval": [{"step", <metric>...}...]}.
+TRAINING_CURVES = "training_curves.json"
 
 
 class Curves:

@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .config import ConfigError, TrainConfig
-from .curves import Curves
+from .curves import TRAINING_CURVES, Curves
 from .data import SceneDataset, SceneSource, ShardSampler, collate, quiet_worker
 from .distributed import World, any_rank, barrier, init_world, shutdown
-from .files import replace_dir
+from .files import replace_dir, write_json_atomic
 from .evaluation import batches_per_rank, eval_source, load_eval_batches, report, score, shard, write_metrics
 from .model import ArrCoc, allocation_pictures
 
@@ -269,7 +269,7 @@ def resume(cfg: TrainConfig, root: Path, engine, model, optimizer, scheduler, wo
     return 0, {"eval": [], "loss": [], "window": [0.0, 0]}, skipped
 
 
-def save_adapter(model, cfg: TrainConfig, out: Path, world: World) -> Path | None:
+def save_adapter(model, cfg: TrainConfig, out: Path, world: World, history: dict) -> Path | None:
     """OUT/adapter, replaced atomically: a reader sees the old adapter or the new one, never half."""
     if cfg.strategy == "fsdp" and world.distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -287,6 +287,7 @@ def save_adapter(model, cfg: TrainConfig, out: Path, world: World) -> Path | Non
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     model.save_adapter(tmp)
+    write_json_atomic(tmp / TRAINING_CURVES, {"loss": history["loss"], "eval": history["eval"]})
     return replace_dir(tmp, final)
 
 
@@ -409,7 +410,7 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
     curves.close()
 
     # The loop evaluated and checkpointed at the last step (or a finished run was resumed: nothing to redo).
-    adapter = save_adapter(model, cfg, out, world)
+    adapter = save_adapter(model, cfg, out, world, history)
     if world.is_main:
         elapsed = time.perf_counter() - began
         rate = samples / elapsed if samples else 0.0
