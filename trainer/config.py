@@ -86,14 +86,14 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name}={value} is outside the allowed range [0, 1]")
-        for name in ("steps", "batch_size", "eval_every", "eval_size", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "grad_accum", "dist_timeout"):
+        for name in ("steps", "batch_size", "eval_every", "eval_size", "checkpoint_every", "keep_checkpoints",
+                     "log_every", "grad_accum", "dist_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0")
         if self.num_workers < 0:
-            raise ConfigError(f"num_workers={self.num_workers} must be an integer >= 0 (0: load on the training thread)")
+            raise ConfigError(f"num_workers={self.num_workers} must be an integer >= 0 (0: load on the loop's thread)")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.strategy not in STRATEGIES:
