@@ -96,8 +96,9 @@ def load_curves(adapter_dir) -> dict | None:
         return None  # an adapter saved before curves were kept, or by another tool
 
 
-def curves_png(curves: Mapping[str, list], dpi: int = 72) -> bytes:
-    """Training loss and every evaluation metric against the optimizer step, side by side."""
+def curves_svg(curves: Mapping[str, list]) -> str:
+    """Training loss and every evaluation metric against the optimizer step, side by side, as inline SVG (line
+    plots stay sharp at any zoom; the page's PNGs are the per-query pictures)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,10 +117,11 @@ def curves_png(curves: Mapping[str, list], dpi: int = 72) -> bytes:
     if evals:
         right.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
     plt.close(fig)
-    return buf.getvalue()
+    text = buf.getvalue()
+    return text[text.index("<svg"):]  # drop the XML prolog and doctype: the SVG sits inside the HTML page
 
 
 def _table(pairs: Sequence[tuple[str, str]]) -> str:
@@ -158,10 +160,7 @@ def html_report(metrics: Mapping[str, float], baseline: Mapping[str, float], ten
         "<h2>Run</h2>", _table([(k, _fmt(v)) for k, v in facts.items()]),
     ]
     if curves:
-        data = base64.b64encode(curves_png(curves)).decode("ascii")
-        parts += ["<h2>Training curves</h2>",
-                  f'<figure><img src="data:image/png;base64,{data}" alt="training loss and evaluation curves">'
-                  "</figure>"]
+        parts += ["<h2>Training curves</h2>", f"<figure>{curves_svg(curves)}</figure>"]
     parts += [
         f"<h2>Eval scenes ({len(scene_rows)})</h2>", figures(scene_rows),
     ]
