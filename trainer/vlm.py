@@ -28,6 +28,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from .config import TrainConfig
 from .errors import UserError
+from .model import gumbel_noise
 from .texture import CHANNELS, cell_features
 
 VLM_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -186,6 +187,12 @@ class ArrCocVLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.participatory.query.weight.device
+
+    def training_noise(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor | None:
+        """Gumbel noise per visual token of one training batch (rows padded to its longest image), on the
+        generator's device."""
+        shape = torch.Size((len(batch["visual_counts"]), max(batch["visual_counts"])))
+        return gumbel_noise(shape, self.cfg, generator, self.device)
 
     # --- the allocator ---------------------------------------------------------------------------------------
     def _select(self, r: torch.Tensor, k: int, selection: str, noise: torch.Tensor | None,

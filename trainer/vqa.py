@@ -12,13 +12,16 @@ min(#annotators who gave the answer / 3, 1) soft accuracy).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from .distributed import World
 from .errors import UserError
 
 
@@ -206,8 +209,9 @@ def write_scene_jsonl(directory: str | Path, count: int, seed: int, offset: int 
 
 # --- evaluation: VQA accuracy, relevance, and the accuracy vs visual-token budget curve -------------------
 class VqaSource:
-    """The trainer's view of a JSONL dataset: batch(indices) -> one collated batch (indices wrap around), so
-    a step's batch is a function of (seed, step, rank) as on the synthetic path and resume stays exact."""
+    """A JSONL dataset with the model's collate: batch(indices) -> one collated batch (indices wrap around).
+    Evaluation, the budget curve and the benchmarks read through it; training reads the VqaDataset through the
+    trainer's DataLoader."""
 
     def __init__(self, path: str, collate, max_bad_fraction: float):
         self.dataset = VqaDataset(path, max_bad_fraction)
@@ -220,33 +224,53 @@ class VqaSource:
         return self.collate([self.dataset[int(i) % len(self.dataset)] for i in indices])
 
 
+# Sums evaluate_vqa all-reduces: soft accuracy, relevance share, examples with boxes, visual tokens, answer loss.
+_SUMS = ("accuracy", "relevance", "boxed", "tokens", "loss")
+
+
 @torch.no_grad()
-def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance",
-                 fraction: float | None = None) -> dict[str, float]:
+def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance", fraction: float | None = None,
+                 world: World = World()) -> dict[str, float]:
     """vqa_accuracy (greedy answers, soft accuracy), relevance_score (share of the kept tokens' weight on the
-    boxed cells, where boxes exist), visual_tokens (mean tokens the LM read) over the first eval_size examples.
-    Random selection draws from its own generator seeded by cfg.seed."""
+    boxed cells, where boxes exist), visual_tokens (mean tokens the LM read) and eval_loss over the first
+    eval_size examples. Each rank scores its shard with the same number of batches (a sharded model's forward
+    is a collective; a rank out of examples scores a stand-in batch with weight 0) and the sums are
+    all-reduced: one host sync per evaluation besides each batch's generated tokens. Random selection draws
+    from a generator seeded by (cfg.seed, the batch's first example)."""
+    from .evaluation import shard
+
     was_training = model.training
     model.eval()
-    generator = torch.Generator().manual_seed(cfg.seed)
     count = min(cfg.eval_size, len(source))
-    accuracy, relevance, boxed, tokens, loss = 0.0, 0.0, 0, 0.0, 0.0
-    for start in range(0, count, cfg.batch_size):
-        batch = source.batch(range(start, min(start + cfg.batch_size, count)))
-        answers, seq = model.generate(batch, selection, fraction, generator)
-        loss += float(model(batch, selection=selection, fraction=fraction,
-                            generator=torch.Generator().manual_seed(cfg.seed + start))["lm_loss"]) * len(answers)
+    mine = shard(count, world)
+    batches = math.ceil(math.ceil(count / world.world_size) / cfg.batch_size)
+    totals = torch.zeros(len(_SUMS), dtype=torch.float64)
+    for chunk in np.array_split(mine, batches):
+        weight = 1.0 if len(chunk) else 0.0
+        chunk = chunk if len(chunk) else np.zeros(1, dtype=np.int64)
+        batch = source.batch(chunk)
+        seed = int(np.random.SeedSequence([cfg.seed, int(chunk[0])]).generate_state(1)[0])
+        answers, seq = model.generate(batch, selection, fraction, torch.Generator().manual_seed(seed))
+        loss = model(batch, selection=selection, fraction=fraction, generator=torch.Generator().manual_seed(seed))
+        sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+        sums[4] = float(loss["lm_loss"]) * len(answers)
         for i, predicted in enumerate(answers):
-            accuracy += soft_accuracy(predicted, batch["answers"][i])
+            sums[0] += soft_accuracy(predicted, batch["answers"][i])
             selected = seq["selected"][i].cpu()
-            tokens += len(selected)
+            sums[3] += len(selected)
             truth = batch["truth"][i]
             if truth is not None:
                 truth = truth / truth.sum().clamp_min(1e-8)
                 share = torch.full((len(selected),), 1.0 / len(selected))
-                relevance += float(torch.minimum(share, truth[selected]).sum())
-                boxed += 1
+                sums[1] += float(torch.minimum(share, truth[selected]).sum())
+                sums[2] += 1
+        totals += weight * sums
+    if world.distributed:
+        totals = totals.to(world.device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
     model.train(was_training)
+    accuracy, relevance, boxed, tokens, loss = totals.tolist()
     metrics = {"vqa_accuracy": accuracy / count}
     if boxed:
         metrics["relevance_score"] = relevance / boxed
@@ -257,18 +281,18 @@ def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance",
 CURVE_BASELINES = ("random", "uniform")
 
 
-def budget_curve(model, cfg, source: VqaSource) -> dict:
+def budget_curve(model, cfg, source: VqaSource, world: World = World()) -> dict:
     """vqa_accuracy at each token fraction of cfg.budget_curve for ARR-COC and the random and uniform
-    (strided) selections, and the all-tokens upper bound."""
+    (strided) selections, and the all-tokens upper bound. Every rank takes part (see evaluate_vqa)."""
     rows = []
     for fraction in sorted(float(v) for v in cfg.budget_curve.split(",") if v.strip()):
         row = {"fraction": fraction}
         for selection in ("relevance", *CURVE_BASELINES):
-            metrics = evaluate_vqa(model, cfg, source, selection, fraction)
+            metrics = evaluate_vqa(model, cfg, source, selection, fraction, world)
             row[selection] = metrics["vqa_accuracy"]
             row["visual_tokens"] = metrics["visual_tokens"]
         rows.append(row)
-    everything = evaluate_vqa(model, cfg, source, "all")
+    everything = evaluate_vqa(model, cfg, source, "all", world=world)
     return {"rows": rows, "all_tokens": everything["vqa_accuracy"], "all_visual_tokens": everything["visual_tokens"]}
 
 
