@@ -23,7 +23,6 @@ CHANNELS = ("r", "g", "b", "lab_l", "lab_a", "lab_b", "sobel_x", "sobel_y",
             "pos_y", "pos_x", "eccentricity", "contrast", "saturation")
 ENTROPY_BINS = 16
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601, as cv2.COLOR_RGB2GRAY
-_SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
 
 
 def _positions(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -86,6 +85,17 @@ def _srgb_linear_table(device: torch.device) -> torch.Tensor:
     return torch.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
 
 
+def _sobel(padded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cv2.Sobel (ksize 3) / 4 in x and y of a [B,1,H+2,W+2] padded plane, as its separable parts: a central
+    difference and a [1,2,1] smoothing, each a sum of shifted slices. A one-channel conv2d with a 3x3 kernel is
+    the slowest way to do this on a CPU (oneDNN is tuned for many channels): it took a fifth of cell_features."""
+    dx = padded[..., 2:] - padded[..., :-2]  # [B,1,H+2,W]
+    gx = (dx[..., :-2, :] + 2 * dx[..., 1:-1, :] + dx[..., 2:, :]) / 4.0
+    dy = padded[..., 2:, :] - padded[..., :-2, :]  # [B,1,H,W+2]
+    gy = (dy[..., :-2] + 2 * dy[..., 1:-1] + dy[..., 2:]) / 4.0
+    return gx, gy
+
+
 def cell_features(images: torch.Tensor, grid: int | tuple[int, int] = 8) -> CellFeatures:
     """images: [B,H,W,3] uint8 (or float in [0,255]) -> CellFeatures. No gradients flow here.
     grid: G for a GxG grid, or (rows, cols) for a Qwen-VL merged-token grid of a non-square image.
@@ -101,10 +111,8 @@ def cell_features(images: torch.Tensor, grid: int | tuple[int, int] = 8) -> Cell
     rgb = chw.float() / 255.0
     linear = _srgb_linear_table(device)[chw.long()] if images.dtype == torch.uint8 else None
     gray = (rgb * rgb.new_tensor(_GRAY).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    kernel = gray.new_tensor(_SOBEL_X)
     padded = F.pad(gray, (1, 1, 1, 1), mode="reflect")  # reflect == cv2's default BORDER_REFLECT_101
-    gx = F.conv2d(padded, kernel.view(1, 1, 3, 3)) / 4.0
-    gy = F.conv2d(padded, kernel.t().contiguous().view(1, 1, 3, 3)) / 4.0
+    gx, gy = _sobel(padded)
     lab = _srgb_to_lab(rgb, linear)
     cmax, cmin = rgb.amax(1, keepdim=True), rgb.amin(1, keepdim=True)
     saturation = torch.where(cmax > 0, (cmax - cmin) / cmax.clamp_min(1e-12), torch.zeros_like(cmax))
