@@ -79,7 +79,10 @@ def arrcoc_train(
     exploit_vs_explore: float = DEFAULTS.exploit_vs_explore,
     focus_vs_diversify: float = DEFAULTS.focus_vs_diversify,
     base_model: str = DEFAULTS.base_model,
-    strategy: str = DEFAULTS.strategy,
+    strategy: str = "",  # "": the team-config's trainStrategy (ddp unless set)
+    precision: str = "",  # "": the team-config's trainPrecision (bf16 on GPUs that have it, else fp32)
+    grad_accum: int = DEFAULTS.grad_accum,
+    activation_checkpointing: bool = DEFAULTS.activation_checkpointing,
     workers: int = 1,
     nproc_per_node: str = "",
     image: str = BASE_IMAGE,
@@ -101,7 +104,8 @@ def arrcoc_train(
         checkpoint_pvc=checkpoint_pvc, timeout_minutes=train_timeout_minutes, delete_policy=delete_job,
         steps=steps, batch_size=batch_size, lr=lr, eval_size=eval_size, seed=seed,
         compress_vs_particularize=compress_vs_particularize, exploit_vs_explore=exploit_vs_explore,
-        focus_vs_diversify=focus_vs_diversify, base_model=base_model, strategy=strategy,
+        focus_vs_diversify=focus_vs_diversify, base_model=base_model, strategy=strategy, precision=precision,
+        grad_accum=grad_accum, activation_checkpointing=activation_checkpointing,
     )
     # The launcher only waits; its own timeout outlives the job's longest allowed deadline.
     _common(trained, "train", "500m", "1Gi", (MAX_TIMEOUT_MINUTES + 30) * 60)

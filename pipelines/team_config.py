@@ -15,6 +15,8 @@ Contract with kustomize/ (every value is a string, as in any ConfigMap):
     checkpointPVC      PVC name, used when checkpointBucket is ""
     backoffLimit       int >= 0
     priorityClassName  "" = none
+    trainPrecision     optional: fp32 | bf16, "" or absent = bf16 on a GPU type that has it, else fp32
+    trainStrategy      optional: ddp | deepspeed | fsdp, "" or absent = ddp
 
 The same ConfigMap reaches three readers: the PyTorchJob builder (from_file / from_configmap), the KFP train
 step (from_env: kfp.kubernetes.use_config_map_as_env maps each key to the env name in ENV_NAMES) and the Katib
@@ -58,7 +60,15 @@ KEYS: dict[str, str] = {
     "checkpointPVC": "checkpoint_pvc",
     "backoffLimit": "backoff_limit",
     "priorityClassName": "priority_class_name",
+    "trainPrecision": "train_precision",
+    "trainStrategy": "train_strategy",
 }
+# Keys a ConfigMap may leave out. They stay out of ENV_NAMES too: use_config_map_as_env would make a pod that
+# lacks them fail to start, so in the KFP train step only their defaults (derived from gpuType) apply.
+OPTIONAL_KEYS = ("trainPrecision", "trainStrategy")
+# GKE accelerators with bf16 tensor cores (L4, A100, H100, H200); others (T4, V100, P100) train in fp32.
+BF16_ACCELERATORS = ("nvidia-l4", "nvidia-tesla-a100", "nvidia-a100-80gb", "nvidia-h100-80gb",
+                     "nvidia-h100-mega-80gb", "nvidia-h200-141gb")
 
 
 def _env_name(key: str) -> str:
@@ -67,7 +77,7 @@ def _env_name(key: str) -> str:
 
 # ConfigMap key -> env var name (gpusPerReplica -> ARRCOC_TEAM_GPUS_PER_REPLICA, checkpointPVC ->
 # ARRCOC_TEAM_CHECKPOINT_PVC). The pipeline passes exactly this mapping to use_config_map_as_env.
-ENV_NAMES: dict[str, str] = {key: _env_name(key) for key in KEYS}
+ENV_NAMES: dict[str, str] = {key: _env_name(key) for key in KEYS if key not in OPTIONAL_KEYS}
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
@@ -97,6 +107,8 @@ class TeamConfig:
     checkpoint_pvc: str = ""
     backoff_limit: int = 3
     priority_class_name: str = ""
+    train_precision: str = ""
+    train_strategy: str = ""
 
     # ---------------------------------------------------------------- readers
 
@@ -111,6 +123,7 @@ class TeamConfig:
         unknown = [k for k in data if k not in KEYS]
         if unknown:
             raise TeamConfigError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {', '.join(KEYS)}")
+        data = {**{k: "" for k in OPTIONAL_KEYS}, **data}
         missing = [k for k in KEYS if k not in data]
         if missing:
             raise TeamConfigError(f"{source}: missing key {missing[0]!r}")
@@ -146,6 +159,15 @@ class TeamConfig:
             key = missing[0]
             raise TeamConfigError(f"environment: {ENV_NAMES[key]} (team-config key {key}) is not set")
         return cls.from_configmap({key: environ[env] for key, env in ENV_NAMES.items()}, source="environment")
+
+    def trainer_precision(self) -> str:
+        """--precision for this team's GPUs: bf16 where the accelerator has bf16 tensor cores."""
+        bf16 = self.gpus_per_replica > 0 and self.gpu_type in BF16_ACCELERATORS
+        return self.train_precision or ("bf16" if bf16 else "fp32")
+
+    def trainer_strategy(self) -> str:
+        """--strategy: ddp unless the team set another (fsdp for bases that do not fit replicated)."""
+        return self.train_strategy or "ddp"
 
     @classmethod
     def local_default(cls) -> "TeamConfig":
@@ -213,6 +235,11 @@ class TeamConfig:
         for key in ("kueueQueue", "checkpointPVC", "priorityClassName"):
             if data[key] and not _DNS_SUBDOMAIN.fullmatch(data[key]):
                 raise fail(key, "must be empty or a Kubernetes object name")
+        from trainer.config import PRECISIONS, STRATEGIES
+
+        for key, allowed in (("trainPrecision", PRECISIONS), ("trainStrategy", STRATEGIES)):
+            if data[key] and data[key] not in allowed:
+                raise fail(key, f"is not one of {', '.join(allowed)} (or empty)")
         if data["checkpointBucket"] and not _BUCKET.fullmatch(data["checkpointBucket"]):
             raise fail("checkpointBucket", "must be empty or a GCS bucket name (no gs:// prefix)")
         config = cls(
@@ -221,6 +248,7 @@ class TeamConfig:
             node_selector=dict(selector), tolerations=list(tolerations), kueue_queue=data["kueueQueue"],
             checkpoint_bucket=data["checkpointBucket"], checkpoint_pvc=data["checkpointPVC"],
             backoff_limit=ints["backoffLimit"], priority_class_name=data["priorityClassName"],
+            train_precision=data["trainPrecision"], train_strategy=data["trainStrategy"],
         )
         # capacity/gpuType and an explicit nodeSelector must not disagree, or pods would never schedule.
         spot = selector.get(SPOT_LABEL)

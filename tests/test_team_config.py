@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.team_config import ENV_NAMES, KEYS, TeamConfig, TeamConfigError
+from pipelines.team_config import ENV_NAMES, KEYS, OPTIONAL_KEYS, TeamConfig, TeamConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,11 +50,23 @@ def test_data_mapping_and_round_trip() -> None:
     assert TeamConfig.from_configmap(cfg.to_configmap_data()) == cfg
 
 
-def test_env_names_cover_every_key_with_one_prefix() -> None:
-    assert set(ENV_NAMES) == set(KEYS)
+def test_env_names_cover_every_required_key_with_one_prefix() -> None:
+    assert set(ENV_NAMES) == set(KEYS) - set(OPTIONAL_KEYS)
     assert ENV_NAMES["gpusPerReplica"] == "ARRCOC_TEAM_GPUS_PER_REPLICA"
     assert ENV_NAMES["checkpointPVC"] == "ARRCOC_TEAM_CHECKPOINT_PVC"
-    assert len(set(ENV_NAMES.values())) == len(KEYS)
+    assert len(set(ENV_NAMES.values())) == len(ENV_NAMES)
+
+
+def test_trainer_precision_and_strategy_follow_the_gpu_type_unless_set() -> None:
+    l4 = TeamConfig.from_configmap(GOOD)
+    assert (l4.trainer_precision(), l4.trainer_strategy()) == ("bf16", "ddp")
+    t4 = TeamConfig.from_configmap({**GOOD, "gpuType": "nvidia-tesla-t4", "nodeSelector": "{}"})
+    assert t4.trainer_precision() == "fp32"
+    assert TeamConfig.local_default().trainer_precision() == "fp32"
+    chosen = TeamConfig.from_configmap({**GOOD, "trainPrecision": "fp32", "trainStrategy": "fsdp"})
+    assert (chosen.trainer_precision(), chosen.trainer_strategy()) == ("fp32", "fsdp")
+    with pytest.raises(TeamConfigError, match="trainStrategy='zero9' is not one of ddp, deepspeed, fsdp"):
+        TeamConfig.from_configmap({**GOOD, "trainStrategy": "zero9"})
 
 
 def test_from_env() -> None:

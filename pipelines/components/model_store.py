@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import replace_dir
+from trainer.files import replace_dir
 from trainer.config import TENSIONS
 
 

@@ -59,7 +59,7 @@ def evaluate_adapter(adapter_dir: str | Path, eval_dir: str | Path, report_sampl
     """(metrics, random-allocation baseline, HTML page, Markdown summary, tensions)."""
     import torch
 
-    from pipelines.report import html_report, markdown_summary
+    from pipelines.report import html_report, load_curves, markdown_summary
     from trainer.evaluation import eval_source, evaluate
     from trainer.model import ArrCoc, cells_selected
 
@@ -88,7 +88,7 @@ def evaluate_adapter(adapter_dir: str | Path, eval_dir: str | Path, report_sampl
     tensions = cfg.tensions()
     facts = {"eval scenes": count, "data source": meta.get("source", "?"), "seed": cfg.seed,
              "base model": cfg.base_model, "cells selected (K)": cells_selected(cfg)}
-    page = html_report(metrics, baseline, tensions, facts, scene_rows, folder_rows)
+    page = html_report(metrics, baseline, tensions, facts, scene_rows, folder_rows, curves=load_curves(adapter_dir))
     return metrics, baseline, page, markdown_summary(metrics, baseline, tensions, threshold), tensions
 
 
