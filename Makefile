@@ -34,7 +34,7 @@ validate: $(STAMP)
 	$(BIN)/arrcoc validate
 
 crds: $(STAMP)
-	$(BIN)/python -m pipelines.crds download
+	$(BIN)/python -m pipelines.validation.crds download
 
 compile: $(STAMP)
 	$(BIN)/arrcoc compile

@@ -6,8 +6,8 @@ the same seed. Reports steps lost, time to recover, restarts and the final metri
     .venv/bin/python bench/preemption_drill.py --only master:SIGTERM --at-step 25
     .venv/bin/python bench/preemption_drill.py --write docs/preemption.md
 
-The job is the one the pipeline launches (pipelines/pytorchjob.py), run by the local runner
-(pipelines/local_runner.py), which restarts the whole replica group on a retryable exit.
+The job is the one the pipeline launches (pipelines/jobs/pytorchjob.py), run by the local runner
+(pipelines/jobs/local.py), which restarts the whole replica group on a retryable exit.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from pathlib import Path
 
 from common import REPO, markdown_table
 
-from pipelines.local_runner import Chaos, run_local
-from pipelines.pytorchjob import build_pytorchjob, to_manifest
-from pipelines.team_config import TeamConfig
+from pipelines.jobs.local import Chaos, run_local
+from pipelines.jobs.pytorchjob import build_pytorchjob, to_manifest
+from pipelines.jobs.team_config import TeamConfig
 
 SCENARIOS = ["master:SIGTERM", "worker:SIGTERM", "master:SIGKILL", "worker:SIGKILL"]
 REPLICA = {"master": "master-0", "worker": "worker-0"}

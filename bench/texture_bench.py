@@ -2,7 +2,7 @@
 
 Same PNG files (synthetic scenes written once to a temporary folder), same machine; each side runs in its own
 subprocess so that imports and peak memory do not mix:
-- ours: pipelines.components.datasets.read_folder (decode, crop, resize, BGR->RGB) + textures_of
+- ours: pipelines.kfp_pipeline.steps.prepare_data.read_folder (decode, crop, resize, BGR->RGB) + textures_of
   (trainer.texture.texture_cv2: 13 channels pooled to 8x8, float32);
 - reference: cv2.imread + the reference loop's compute_texture_array (full resolution, float64), np.array at the end.
 Reports images/s and their ratio, and peak memory two ways: tracemalloc's peak (numpy buffers and Python
@@ -40,7 +40,7 @@ def write_images(folder: Path, count: int) -> None:
 
 
 def _ours(folder: Path):
-    from pipelines.components.datasets import read_folder, textures_of
+    from pipelines.kfp_pipeline.steps.prepare_data import read_folder, textures_of
 
     images, _, _ = read_folder(folder)
     return textures_of(images)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.katib_experiment import (
+from pipelines.sweeps.experiment import (
     ExperimentError,
     load_manifest,
     metric_value,

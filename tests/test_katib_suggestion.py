@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.katib_experiment import SETTINGS, Parameter, setting_problem, skopt_double_problem, space_problem
-from pipelines.katib_suggestion import (
+from pipelines.sweeps.experiment import SETTINGS, Parameter, setting_problem, skopt_double_problem, space_problem
+from pipelines.sweeps.suggestion import (
     OptunaService,
     SkoptService,
     make_service,

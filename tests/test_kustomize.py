@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.team_config import TeamConfig
+from pipelines.jobs.team_config import TeamConfig
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = REPO / "kustomize" / "components"

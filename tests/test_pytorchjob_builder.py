@@ -8,12 +8,12 @@ import pytest
 import yaml
 
 from pipelines import cli
-from pipelines.pytorchjob import (KATIB_TRIAL_NAME, ManifestError, build_pytorchjob, check_manifest, from_manifest,
+from pipelines.jobs.pytorchjob import (KATIB_TRIAL_NAME, ManifestError, build_pytorchjob, check_manifest, from_manifest,
                                   to_manifest, to_yaml)
-from pipelines.team_config import TeamConfig
+from pipelines.jobs.team_config import TeamConfig
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "pipelines" / "examples" / "pytorchjob-tiny.yaml"
+EXAMPLE = REPO / "pipelines" / "jobs" / "examples" / "pytorchjob-tiny.yaml"
 # The command that wrote EXAMPLE (docs/pytorchjob.md says how to regenerate it).
 EXAMPLE_ARGV = ["pytorchjob", "render", "--name", "arrcoc-tiny", "--workers", "1", "--image", "ghcr.io/arrcoc/arrcoc-trainer:0.1.0",
                 "--", "--steps", "20", "--batch-size", "8", "--eval-every", "10", "--eval-size", "32",
@@ -163,7 +163,7 @@ def test_manifest_round_trips_through_the_training_client_model() -> None:
 
 @pytest.fixture(scope="module")
 def schemas():
-    from pipelines.validate import crd_dir
+    from pipelines.validation.run import crd_dir
     from pipelines.validation.schemas import CrdDirError, SchemaSet
 
     try:
@@ -175,7 +175,7 @@ def schemas():
 @pytest.mark.parametrize("team", [LOCAL_TEAM, PVC_TEAM, BUCKET_TEAM], ids=["local", "pvc", "bucket"])
 def test_rendered_jobs_pass_arrcoc_validate(team: TeamConfig, schemas) -> None:
     """The upstream CRD schema (strict), restricted Pod Security and the webhook rules, as `arrcoc validate`."""
-    from pipelines.validate import check
+    from pipelines.validation.run import check
     from pipelines.validation.findings import Doc
 
     manifest = to_manifest(build_pytorchjob("train-a", team=team, workers=2, active_deadline_seconds=3600))
@@ -220,7 +220,7 @@ def test_check_manifest_enforces_the_webhook_rules(path: list, value: object, fr
 ])
 def test_the_builder_check_manifest_and_arrcoc_validate_agree(path: list, value: object, schemas) -> None:
     """One rule table (pipelines/jobs/rules.py): what the runtime refuses, `arrcoc validate` reports, at its path."""
-    from pipelines.validate import check
+    from pipelines.validation.run import check
     from pipelines.validation.findings import Doc
 
     manifest = to_manifest(build_pytorchjob("train-a", team=LOCAL_TEAM, workers=1))
@@ -240,7 +240,7 @@ def test_render_cli_matches_the_example_in_git(capsys: pytest.CaptureFixture[str
     assert cli.main(EXAMPLE_ARGV) == 0
     rendered = capsys.readouterr().out
     assert rendered == EXAMPLE.read_text(), (
-        "pipelines/examples/pytorchjob-tiny.yaml is stale: regenerate it with the command in docs/pytorchjob.md")
+        "pipelines/jobs/examples/pytorchjob-tiny.yaml is stale: regenerate it with the command in docs/pytorchjob.md")
 
 
 def test_render_cli_reads_a_team_config_file_and_writes_atomically(tmp_path: Path) -> None:

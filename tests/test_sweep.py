@@ -1,6 +1,6 @@
 """`arrcoc sweep`: the local Katib rehearsal and the cluster submission.
 
-Trials are real PyTorchJobs run by the local runner (pipelines/local_runner.py: Master and Worker processes),
+Trials are real PyTorchJobs run by the local runner (pipelines/jobs/local.py: Master and Worker processes),
 whose command is a fake trial (`python -c` printing metric lines computed from the tensions) instead of the
 trainer, so a sweep of several trials takes seconds. The cluster path talks to kmock, a fake Kubernetes API
 server, because no cluster exists here: it checks what the kubernetes client sends, not what Katib does next.
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import sweep
+from pipelines.sweeps import search
 from pipelines.cli import main
-from pipelines.katib_experiment import parse_experiment
+from pipelines.sweeps.experiment import parse_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "katib" / "base" / "experiment.yaml"
@@ -140,7 +140,7 @@ def test_local_sweep_and_cluster_ask_for_the_same_first_trials() -> None:
     """Katib's service (configured from its source as the test writes it out) and ours agree on the first round."""
     import skopt
 
-    from pipelines.katib_suggestion import make_service
+    from pipelines.sweeps.suggestion import make_service
 
     exp = parse_experiment(yaml.safe_load(BASE.read_text()))
     ours = make_service(exp.algorithm, exp.parameters, exp.settings, True).get_suggestions([], exp.parallel)
@@ -154,7 +154,7 @@ def test_local_sweep_and_cluster_ask_for_the_same_first_trials() -> None:
 
 def test_failed_trials_are_not_told_and_skopt_repeats_its_proposal() -> None:
     """Katib tells skopt only succeeded trials: after the initial points, a failure gets the same point again."""
-    from pipelines.katib_suggestion import Observed, make_service
+    from pipelines.sweeps.suggestion import Observed, make_service
 
     exp = parse_experiment(yaml.safe_load(BASE.read_text()))
     service = make_service(exp.algorithm, exp.parameters, {**exp.settings, "n_initial_points": "2"}, True)
@@ -176,7 +176,7 @@ def test_same_random_state_gives_the_same_trials(tmp_path: Path) -> None:
 
 
 def test_set_overrides_trainer_flags_in_every_replica() -> None:
-    doc, _ = sweep.apply_overrides(yaml.safe_load(BASE.read_text()), sets=["steps=60", "eval-every=20", "lr=0.01"])
+    doc, _ = search.apply_overrides(yaml.safe_load(BASE.read_text()), sets=["steps=60", "eval-every=20", "lr=0.01"])
     for rs in doc["spec"]["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"].values():
         container = rs["template"]["spec"]["containers"][0]
         command = [*container["command"], *container["args"]]
@@ -186,7 +186,7 @@ def test_set_overrides_trainer_flags_in_every_replica() -> None:
 
 
 def test_algorithm_override_drops_settings_the_new_algorithm_rejects() -> None:
-    doc, notes = sweep.apply_overrides(yaml.safe_load(BASE.read_text()), algorithm="random", max_trials=2)
+    doc, notes = search.apply_overrides(yaml.safe_load(BASE.read_text()), algorithm="random", max_trials=2)
     exp = parse_experiment(doc)
     assert exp.algorithm == "random" and set(exp.settings) == {"random_state"}
     assert exp.max_trials == 2 and exp.parallel <= 2 and exp.max_failed <= 2

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.team_config import ENV_NAMES, KEYS, TeamConfig, TeamConfigError
+from pipelines.jobs.team_config import ENV_NAMES, KEYS, TeamConfig, TeamConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

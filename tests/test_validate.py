@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from pipelines import cli
-from pipelines.validate import REPO, check, crd_dir, validate
+from pipelines.validation.run import REPO, check, crd_dir, validate
 from pipelines.validation.findings import Doc
 from pipelines.validation.loading import Loaded, pin_problem, render
 from pipelines.validation.schemas import SchemaSet, strict
@@ -272,7 +272,7 @@ def test_broken_kustomization_is_reported_on_its_directory(tmp_path: Path, schem
 
 def test_crd_download_check_catches_a_changed_file(tmp_path: Path) -> None:
     """Only the checksum part runs here: there is no network."""
-    from pipelines import crds
+    from pipelines.validation import crds
 
     sums = crds.expected_sums()
     assert crds.verify(crd_dir()) == []

@@ -163,7 +163,7 @@ def test_two_processes_with_the_operator_env(world, tmp_path):
 
 
 def test_evaluate_step_shows_the_budget_curve(world, tmp_path):
-    from pipelines.components.scoring import evaluate_adapter
+    from pipelines.kfp_pipeline.steps.evaluate import evaluate_adapter
 
     out = tmp_path / "run"
     result = _train(world, out, steps=2)

@@ -9,8 +9,8 @@ from typing import Iterator
 import yaml
 
 from pipelines.jobs.rules import image_problem
-from pipelines.team_config import CONFIGMAP_NAME as TEAM_CONFIG
-from pipelines.team_config import KEYS, TeamConfig, TeamConfigError
+from pipelines.jobs.team_config import CONFIGMAP_NAME as TEAM_CONFIG
+from pipelines.jobs.team_config import KEYS, TeamConfig, TeamConfigError
 from pipelines.validation.findings import Doc, Finding
 from pipelines.validation.podsecurity import containers
 

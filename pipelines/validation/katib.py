@@ -7,7 +7,7 @@ import math
 import re
 from collections.abc import Iterator
 
-from pipelines.katib_experiment import (
+from pipelines.sweeps.experiment import (
     OBJECTIVE_TYPES,
     PARAMETER_TYPES,
     RESUME_POLICIES,

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from kubernetes.utils.quantity import parse_quantity
 
-from pipelines.team_config import TeamConfig, TeamConfigError
+from pipelines.jobs.team_config import TeamConfig, TeamConfigError
 from pipelines.validation.findings import Doc, Finding
 from pipelines.validation.katib import substituted_trial_spec
 

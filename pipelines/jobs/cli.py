@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines.launcher import DELETE_POLICIES
-from pipelines.pytorchjob import DEFAULT_IMAGE
+from pipelines.jobs.cluster import DELETE_POLICIES
+from pipelines.jobs.pytorchjob import DEFAULT_IMAGE
 from pipelines.yaml_files import load_documents
 from trainer.errors import UserError
 from trainer.files import write_text_atomic
@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from pipelines.pytorchjob import build_pytorchjob, to_yaml
-    from pipelines.team_config import TeamConfig
+    from pipelines.jobs.pytorchjob import build_pytorchjob, to_yaml
+    from pipelines.jobs.team_config import TeamConfig
 
     team = TeamConfig.from_file(args.team_config) if args.team_config else TeamConfig.local_default()
     job = build_pytorchjob(
@@ -88,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _read_manifest(path: Path) -> dict:
-    from pipelines.pytorchjob import check_manifest
+    from pipelines.jobs.pytorchjob import check_manifest
 
     docs = load_documents(path, CliError)
     if len(docs) != 1:

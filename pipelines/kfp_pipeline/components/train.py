@@ -1,8 +1,8 @@
-"""train: one PyTorchJob, on the cluster or rehearsed locally; the adapter is the output Model (work: training.py)."""
+"""train: one PyTorchJob, on the cluster or rehearsed locally; outputs the adapter Model (work: steps/train.py)."""
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
-from pipelines.components import COMPONENT_OPTIONS
+from pipelines.kfp_pipeline.components import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
@@ -12,7 +12,7 @@ def train(train_data: Input[Dataset], eval_data: Input[Dataset], adapter: Output
           seed: int, compress_vs_particularize: float, exploit_vs_explore: float, focus_vs_diversify: float,
           base_model: str, strategy: str):
     """Train the adapter as one PyTorchJob (Master + `workers` Workers); the adapter is the output Model."""
-    from pipelines.components.training import job_name_for, run_training
+    from pipelines.kfp_pipeline.steps.train import job_name_for, run_training
 
     # eval_every = steps: the trainer evaluates once, at the end; the evaluate step does the rest.
     params = {"steps": steps, "batch_size": batch_size, "lr": lr, "eval_size": eval_size,

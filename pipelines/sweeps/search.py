@@ -1,8 +1,8 @@
 """`arrcoc sweep FILE.yaml [--local]`: run a Katib Experiment here, or create it in the cluster.
 
---local rehearses what Katib v0.19 does with the same manifest (pipelines/katib_experiment.py reads it):
+--local rehearses what Katib v0.19 does with the same manifest (pipelines/sweeps/experiment.py reads it):
 - proposals come from the suggestion service Katib runs for the algorithm, configured as Katib configures it
-  (pipelines/katib_suggestion.py): scikit-optimize for bayesianoptimization (every double log-uniform, every
+  (pipelines/sweeps/suggestion.py): scikit-optimize for bayesianoptimization (every double log-uniform, every
   setting honoured), Optuna for tpe, multivariate-tpe, cmaes and random with Katib's setting mapping. The
   service is asked for as many trials as there are free slots and told each trial that succeeded; failed
   trials are never told, as in Katib. The same random_state gives the same first trials as the cluster.
@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.katib_experiment import (
+from pipelines.sweeps.experiment import (
     LOCAL_ALGORITHMS,
     SETTINGS,
     SKOPT_ALGORITHM,
@@ -45,7 +45,7 @@ from pipelines.katib_experiment import (
     parse_experiment,
     render_trial,
 )
-from pipelines.katib_suggestion import Observed, SuggestionService, make_service
+from pipelines.sweeps.suggestion import Observed, SuggestionService, make_service
 from trainer.errors import UserError
 from trainer.files import write_atomic, write_text_atomic
 
@@ -167,7 +167,7 @@ def apply_overrides(
 
 
 def suggestion_service(experiment: Experiment) -> SuggestionService:
-    """The service Katib starts for the experiment's algorithm (pipelines/katib_suggestion.py)."""
+    """The service Katib starts for the experiment's algorithm (pipelines/sweeps/suggestion.py)."""
     if experiment.algorithm not in LOCAL_ALGORITHMS:
         raise SweepError(
             f"{experiment.source}: spec.algorithm.algorithmName={experiment.algorithm!r}: the local rehearsal runs "

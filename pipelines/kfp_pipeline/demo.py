@@ -48,7 +48,7 @@ class DemoResult:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipelines.pipeline import DEFAULT_THRESHOLD
+    from pipelines.kfp_pipeline.pipeline import DEFAULT_THRESHOLD
 
     parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"where outputs go (default: {DEFAULT_WORKDIR})")
     parser.add_argument("--source", default="synthetic", help="synthetic, or an image folder drawn in the report")
@@ -66,8 +66,8 @@ def run_demo(workdir: str | Path, *, source: str = "synthetic", threshold: float
     """Run the pipeline with kfp.local; settings override DEMO (steps, batch_size, ...)."""
     import kfp.local
 
-    from pipelines.components.training import TEAM_CONFIG_FILE_ENV
-    from pipelines.pipeline import DEFAULT_THRESHOLD, arrcoc_train
+    from pipelines.kfp_pipeline.steps.train import TEAM_CONFIG_FILE_ENV
+    from pipelines.kfp_pipeline.pipeline import DEFAULT_THRESHOLD, arrcoc_train
 
     values = {**DEMO, **settings}
     unknown = sorted(set(values) - set(DEMO))
@@ -83,7 +83,7 @@ def run_demo(workdir: str | Path, *, source: str = "synthetic", threshold: float
     root = workdir / "pipeline-root"
     root.mkdir(parents=True, exist_ok=True)
     if team_config:
-        from pipelines.team_config import TeamConfig
+        from pipelines.jobs.team_config import TeamConfig
 
         TeamConfig.from_file(team_config)  # a bad file fails here, in one line, before anything runs
         # The train step runs in a subprocess that inherits this environment (kfp.local passes it on).

@@ -25,7 +25,7 @@ from kubernetes import client as k8s
 
 from pipelines.jobs.rules import (CLEAN_POD_POLICIES, CONTAINER_NAME, dns1035_problem, image_problem,
                                   nproc_problem, pytorchjob_problems)
-from pipelines.team_config import TeamConfig
+from pipelines.jobs.team_config import TeamConfig
 from trainer.errors import UserError
 
 API_VERSION = "kubeflow.org/v1"

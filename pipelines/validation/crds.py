@@ -1,5 +1,5 @@
-"""`python -m pipelines.crds download [DIR]`: fetch the upstream CRDs and schemas `arrcoc validate`
-reads, at pinned commits, and check them against the sha256 list below. `python -m pipelines.crds verify [DIR]` checks an existing directory.
+"""`python -m pipelines.validation.crds download [DIR]`: fetch the upstream CRDs and schemas `arrcoc validate`
+reads, at pinned commits, and check them against the sha256 list below. `python -m pipelines.validation.crds verify [DIR]` checks an existing directory.
 Nothing is written unless every file downloads and matches: files land in a temporary directory
 inside DIR and are renamed into place at the end; a directory that already matches is left as is.
 """
@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.validate import crd_dir
+from pipelines.validation.run import crd_dir
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def download(directory: Path, timeout: float = 60.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.crds", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.validation.crds", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("download", "verify"))
     parser.add_argument("directory", nargs="?", type=Path, help="default: $ARRCOC_CRD_DIR or .arrcoc/crds in the checkout")
     args = parser.parse_args(argv)

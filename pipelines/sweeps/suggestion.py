@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pipelines.katib_experiment import LOCAL_ALGORITHMS, OPTUNA_ALGORITHMS, SKOPT_ALGORITHM, SKOPT_DEFAULTS, Parameter
+from pipelines.sweeps.experiment import LOCAL_ALGORITHMS, OPTUNA_ALGORITHMS, SKOPT_ALGORITHM, SKOPT_DEFAULTS, Parameter
 
 
 @dataclass(frozen=True)

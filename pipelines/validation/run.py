@@ -2,7 +2,7 @@
 
 With no PATH: manifests/ (offline parts rendered, remote refs checked for pinning; with --platform the
 Kubeflow install in manifests/kubeflow is rendered from its remote refs too), every kustomize/overlays/*, every
-katib/overlays/* and every YAML file under pipelines/examples/; the compiled pipelines in pipelines/compiled/
+katib/overlays/* and every YAML file under pipelines/jobs/examples/; the compiled pipelines in pipelines/kfp_pipeline/compiled/
 feed the model of the pods KFP builds. Besides each object on its own, the objects are checked together:
 team namespaces and their quotas (validation.invariants, validation.quota), the connections their workloads
 need under every NetworkPolicy (validation.reachability), and Pod Security "restricted" on the pods Kubeflow's
@@ -24,11 +24,11 @@ from pipelines.validation.loading import Loaded, load_path, load_tree, render
 from pipelines.validation.podsecurity import check_restricted, pod_specs
 from pipelines.validation.schemas import SchemaSet
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 PLATFORM_LABEL = "manifests/kubeflow"  # the Kubeflow install, as findings name it
-COMPILED = REPO / "pipelines" / "compiled"
+COMPILED = REPO / "pipelines" / "kfp_pipeline" / "compiled"
 
 
 def crd_dir() -> Path:
@@ -54,7 +54,7 @@ def load_defaults(repo: Path, out: Loaded, platform: bool = False) -> None:
     for parent in ("kustomize/overlays", "katib/overlays"):
         for overlay in sorted((repo / parent).glob("*/")) if (repo / parent).is_dir() else []:
             render(overlay, label(overlay), out)
-    examples = repo / "pipelines" / "examples"
+    examples = repo / "pipelines" / "jobs" / "examples"
     if examples.is_dir():
         load_path(examples, label, out)
 
@@ -132,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "paths", nargs="*", type=Path, metavar="PATH",
         help="kustomization directories, trees of them, or YAML files (default: manifests/, "
-        "kustomize/overlays/*, katib/overlays/*, pipelines/examples/)",
+        "kustomize/overlays/*, katib/overlays/*, pipelines/jobs/examples/)",
     )
     parser.add_argument(
         "--platform", action="store_true",

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pipelines.jobs.backends import JobBackend, JobFailed, JobResult
-from pipelines.pytorchjob import ManifestError, check_manifest, pytorch_container, to_manifest
+from pipelines.jobs.pytorchjob import ManifestError, check_manifest, pytorch_container, to_manifest
 
 DEFAULT_GRACE_SECONDS = 30
 # torchrun / torchelastic variables of an outer launcher must not leak into a replica's world.

@@ -1,4 +1,4 @@
-"""The train step's work: one PyTorchJob (pipelines.pytorchjob), launched on the cluster or rehearsed here.
+"""The train step's work: one PyTorchJob (pipelines.jobs.pytorchjob), launched on the cluster or rehearsed here.
 
 Getting the datasets to the replicas. A KFP step's input artifacts are downloaded into the step's own pod;
 the PyTorchJob's replicas are other pods and cannot see them. So the step stages both datasets on the team's
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipelines.components import BASE_IMAGE
+from pipelines.kfp_pipeline.components import BASE_IMAGE
 from trainer.errors import UserError
 from trainer.files import copy_dir_atomic, write_bytes_atomic, write_text_atomic
 
@@ -43,7 +43,7 @@ def job_name_for(run_id: str) -> str:
 
 
 def team_config(backend: str):
-    from pipelines.team_config import TeamConfig
+    from pipelines.jobs.team_config import TeamConfig
 
     if backend == "cluster":
         return TeamConfig.from_env()  # injected from the team-config ConfigMap (pipeline.py)
@@ -69,8 +69,8 @@ def run_training(*, backend: str, run_id: str, train_dir: str, eval_dir: str, ad
     its logs (and, locally, the job's volumes); default: a sibling of adapter_dir.
     """
     from pipelines.jobs.backends import ClusterOptions, JobFailed, backend_for
-    from pipelines.launcher import DELETE_POLICIES
-    from pipelines.pytorchjob import CHECKPOINT_MOUNT, CHECKPOINT_VOLUME, build_pytorchjob, to_manifest, to_yaml
+    from pipelines.jobs.cluster import DELETE_POLICIES
+    from pipelines.jobs.pytorchjob import CHECKPOINT_MOUNT, CHECKPOINT_VOLUME, build_pytorchjob, to_manifest, to_yaml
 
     # The step's pod mounts checkpoint_pvc at CHECKPOINT_MOUNT (pipeline.py): that is how it reaches the replicas.
     mounts = {checkpoint_pvc: CHECKPOINT_MOUNT} if checkpoint_pvc else {}

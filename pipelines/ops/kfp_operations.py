@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from pipelines.cron import validate_cron
+from pipelines.ops.cron import validate_cron
 
-COMPILED = Path(__file__).parent / "compiled" / "arrcoc_train.yaml"
+COMPILED = Path(__file__).parents[1] / "kfp_pipeline" / "compiled" / "arrcoc_train.yaml"
 SCHEDULES = Path(__file__).parent / "schedules"
 PORT_FORWARD = ["kubectl", "port-forward", "-n", "kubeflow", "svc/ml-pipeline-ui", "8080:80"]
 PORT_FORWARD_URL = "http://127.0.0.1:8080"
@@ -204,7 +204,7 @@ class Schedule:
     cron: str
     experiment: str
     parameters: dict[str, Any] = field(default_factory=dict)
-    pipeline: str | None = None  # None until _with_pipeline: the name in pipelines/compiled/arrcoc_train.yaml
+    pipeline: str | None = None  # None until _with_pipeline: the name in pipelines/kfp_pipeline/compiled/arrcoc_train.yaml
     version: str | None = None  # None: the latest version when applied
     enabled: bool = True
     source: str = "command line"

@@ -17,7 +17,7 @@ MAX_FOLDER_IMAGES = 4  # each image folder picture is drawn under every colour q
 def _rows(model, batch: dict[str, np.ndarray], labels: list[str], with_truth: bool) -> list:
     import torch
 
-    from pipelines.report import Row
+    from pipelines.kfp_pipeline.report import Row
     from trainer.data import VOCAB
     from trainer.model import cells_selected
 
@@ -59,7 +59,7 @@ def evaluate_adapter(adapter_dir: str | Path, eval_dir: str | Path, report_sampl
     """(metrics, random-allocation baseline, HTML page, Markdown summary, tensions)."""
     import torch
 
-    from pipelines.report import html_report, markdown_summary
+    from pipelines.kfp_pipeline.report import html_report, markdown_summary
     from trainer.evaluation import eval_source, evaluate
     from trainer.model import ArrCoc, cells_selected
 
@@ -94,7 +94,7 @@ def evaluate_adapter(adapter_dir: str | Path, eval_dir: str | Path, report_sampl
 
 def _evaluate_vlm_adapter(adapter_dir: Path | str, eval_dir: Path, threshold: float):
     """A Qwen-VL adapter: VQA metrics, the random-selection baseline, and the accuracy vs budget curve."""
-    from pipelines.report import html_report, markdown_summary
+    from pipelines.kfp_pipeline.report import html_report, markdown_summary
     from trainer.evaluation import eval_source, evaluate
     from trainer.model import ArrCoc
     from trainer.vqa import budget_curve

@@ -1,9 +1,9 @@
 """evaluate: dsl.Metrics, the HTML report and the Markdown summary; returns relevance_score for the gate
-(work: scoring.py, pictures: pipelines/report.py)."""
+(work: steps/evaluate.py, pictures: pipelines/kfp_pipeline/report.py)."""
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
-from pipelines.components import COMPONENT_OPTIONS
+from pipelines.kfp_pipeline.components import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
@@ -12,7 +12,7 @@ def evaluate(adapter: Input[Model], eval_data: Input[Dataset], metrics: Output[M
     """Log the metrics, draw the report; return relevance_score for the gate."""
     import json
 
-    from pipelines.components.scoring import evaluate_adapter
+    from pipelines.kfp_pipeline.steps.evaluate import evaluate_adapter
 
     values, baseline, page, markdown, _ = evaluate_adapter(adapter.path, eval_data.path, report_samples, threshold)
     for name, value in values.items():

@@ -1,15 +1,15 @@
-"""register: copy the gated adapter and its model card into the model store (work: model_store.py)."""
+"""register: copy the gated adapter and its model card into the model store (work: steps/register.py)."""
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model
 
-from pipelines.components import COMPONENT_OPTIONS
+from pipelines.kfp_pipeline.components import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
 def register(adapter: Input[Model], metrics: Input[Metrics], train_data: Input[Dataset], eval_data: Input[Dataset],
              model_store: str, run_id: str, threshold: float) -> str:
     """Copy the adapter and its model card to <model_store>/<run_id>; returns that path."""
-    from pipelines.components.model_store import register_model
+    from pipelines.kfp_pipeline.steps.register import register_model
 
     # Artifact metadata numbers come back as floats (protobuf Values): the seed is an int again here.
     lineage = {"adapter_artifact": adapter.uri, "train_data_artifact": train_data.uri,
