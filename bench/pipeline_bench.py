@@ -42,7 +42,8 @@ def main() -> int:
     import pipelines.kfp_pipeline.pipeline  # noqa: F401  (the first compile would otherwise pay for the imports)
     import_s = time.perf_counter() - began
     times = compile_seconds(args.compiles)
-    rows = [["import pipelines.kfp_pipeline.pipeline", import_s], [f"compile (median of {args.compiles})", statistics.median(times)]]
+    rows = [["import pipelines.kfp_pipeline.pipeline", import_s],
+            [f"compile (median of {args.compiles})", statistics.median(times)]]
     if not args.skip_demo:
         from pipelines.kfp_pipeline.demo import run_demo
 

@@ -62,7 +62,8 @@ def drill(scenario: str | None, steps: int, every: int, at_step: int, workdir: P
     done_before = max((int(m) for m in re.findall(r"^\[rank 0\] step (\d+)/", before, re.M)), default=0)
     return {
         "scenario": scenario or "uninterrupted", "succeeded": result.succeeded,
-        "reason": result.final.get("reason", ""), "restarts": sum(result.restarts.values()) and max(result.restarts.values()),
+        "reason": result.final.get("reason", ""),
+        "restarts": sum(result.restarts.values()) and max(result.restarts.values()),
         "exit_codes": result.exit_codes, "resumed_from": resumed[-1] if resumed else None,
         "steps_lost": (done_before - resumed[-1]) if (event and resumed) else (None if event else 0),
         "recovery_s": event.recovery_seconds if event else None, "wall_s": wall, "metrics": metrics_of(workdir),
@@ -98,7 +99,8 @@ def main() -> int:
     print(table)
     print(summary)
     if args.write:
-        (REPO / args.write).write_text("# Preemption drill (bench/preemption_drill.py)\n\n" + table + "\n\n" + summary + "\n")
+        (REPO / args.write).write_text("# Preemption drill (bench/preemption_drill.py)\n\n"
+                                       + table + "\n\n" + summary + "\n")
     return 1 if failures else 0
 
 

@@ -24,7 +24,8 @@ PIPELINES = {"arrcoc_train.yaml": "pipelines.kfp_pipeline.pipeline:arrcoc_train"
 EXAMPLES_DIR = Path(__file__).parent / "jobs" / "examples"
 # file name -> `arrcoc pytorchjob render` arguments (without -o).
 EXAMPLES = {
-    "pytorchjob-tiny.yaml": ["--name", "arrcoc-tiny", "--workers", "1", "--image", "ghcr.io/arrcoc/arrcoc-trainer:0.1.0",
+    "pytorchjob-tiny.yaml": ["--name", "arrcoc-tiny", "--workers", "1",
+                             "--image", "ghcr.io/arrcoc/arrcoc-trainer:0.1.0",
                              "--", "--steps", "20", "--batch-size", "8", "--eval-every", "10", "--eval-size", "32",
                              "--checkpoint-every", "5", "--seed", "0"],
 }
@@ -67,14 +68,15 @@ def documents(text: str) -> list[dict[str, Any]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default=str(COMPILED_DIR),
-                        help="where to write the pipelines (default: pipelines/kfp_pipeline/compiled, the files kept in git)")
+                        help="where to write the pipelines "
+                             "(default: pipelines/kfp_pipeline/compiled, the files kept in git)")
     parser.add_argument("--pipelines-only", action="store_true",
                         help="only compile the pipelines (leave the trial template and the examples alone)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.sweeps import trial_spec
     from pipelines.cli import main
+    from pipelines.sweeps import trial_spec
     from trainer.files import write_text_atomic
 
     out = Path(args.out_dir)

@@ -8,11 +8,11 @@ from pathlib import Path
 import yaml
 
 from pipelines import compile as compile_module
-from pipelines.sweeps import trial_spec
 from pipelines.cli import main
-from pipelines.sweeps.experiment import read_experiment, render_trial
 from pipelines.jobs.pytorchjob import build_pytorchjob, to_manifest
 from pipelines.jobs.team_config import TeamConfig
+from pipelines.sweeps import trial_spec
+from pipelines.sweeps.experiment import read_experiment, render_trial
 from trainer.config import TrainConfig
 
 EXPERIMENT = trial_spec.EXPERIMENT

@@ -23,7 +23,14 @@ from kmock import KubernetesError
 from kubernetes import client as k8s
 
 from pipelines.jobs.backends import BackendError, ClusterOptions, JobFailed
-from pipelines.jobs.cluster import SPEC_ANNOTATION, Backoff, ClusterBackend, is_transient, pod_namespace, training_client
+from pipelines.jobs.cluster import (
+    SPEC_ANNOTATION,
+    Backoff,
+    ClusterBackend,
+    is_transient,
+    pod_namespace,
+    training_client,
+)
 from pipelines.jobs.pytorchjob import build_pytorchjob, to_manifest
 from pipelines.jobs.team_config import TeamConfig
 

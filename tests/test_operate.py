@@ -8,17 +8,17 @@ the Authorization header. The pipelines uploaded are tiny ones compiled here wit
 # No `from __future__ import annotations` here: kfp.dsl reads the component's annotations as types.
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
 from kfp import compiler, dsl, kubernetes
 from kfp.client import client as kfp_client_module
 
-from tests.kfp_stub import KfpStub
-from pipelines.ops import kfp_operations
 from pipelines.cli import main
+from pipelines.ops import kfp_operations
+from tests.kfp_stub import KfpStub
 
 TOKEN = "team-a-token"
 NS = "team-a"

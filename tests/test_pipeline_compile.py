@@ -6,8 +6,8 @@ import yaml
 
 from pipelines.cli import main
 from pipelines.compile import COMPILED_DIR, PIPELINES, compile_to, documents
-from pipelines.kfp_pipeline.components import BASE_IMAGE
 from pipelines.jobs.team_config import ENV_NAMES, SPOT_LABEL
+from pipelines.kfp_pipeline.components import BASE_IMAGE
 
 CHECKED_IN = COMPILED_DIR / "arrcoc_train.yaml"
 

@@ -9,12 +9,12 @@ import cv2
 import numpy as np
 import pytest
 
+from pipelines.jobs.backends import JobFailed
+from pipelines.jobs.team_config import ENV_NAMES, TeamConfig
+from pipelines.kfp_pipeline.report import Row, html_report, markdown_summary
 from pipelines.kfp_pipeline.steps.prepare_data import PrepareError, prepare, read_folder
 from pipelines.kfp_pipeline.steps.register import register_model
 from pipelines.kfp_pipeline.steps.train import job_name_for, run_training, trainer_args
-from pipelines.jobs.backends import JobFailed
-from pipelines.kfp_pipeline.report import Row, html_report, markdown_summary
-from pipelines.jobs.team_config import ENV_NAMES, TeamConfig
 from trainer.data import EVAL_OFFSET, generate, load_dataset
 from trainer.errors import UserError
 from trainer.texture import texture_cv2

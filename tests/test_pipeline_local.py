@@ -78,8 +78,8 @@ def test_image_folder_pictures_are_drawn_under_every_colour_query(passed, tmp_pa
     import cv2
     import numpy as np
 
-    from pipelines.kfp_pipeline.steps.prepare_data import prepare
     from pipelines.kfp_pipeline.steps.evaluate import evaluate_adapter
+    from pipelines.kfp_pipeline.steps.prepare_data import prepare
     from trainer.data import COLOURS
 
     _, result = passed

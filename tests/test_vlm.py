@@ -9,13 +9,12 @@ import subprocess
 
 import pytest
 import torch
+from trainer_helpers import REPO, clean_env, free_port, read_metrics, run_trainer, trainer_cmd
 
 from trainer.config import TrainConfig
 from trainer.tiny_vlm import FAMILIES, build_tiny_vlm
 from trainer.vlm import ArrCocVLM, kept_count, vlm_type
 from trainer.vqa import VqaSource, budget_curve, curve_table, write_budget_curve, write_scene_jsonl
-
-from trainer_helpers import REPO, clean_env, free_port, read_metrics, run_trainer, trainer_cmd
 
 
 @pytest.fixture(scope="module")

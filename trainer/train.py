@@ -200,7 +200,8 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
         cells = max(batch["visual_counts"]) if vlm else cfg.grid * cfg.grid
         generator = torch.Generator().manual_seed(step_seed(cfg, step, world.rank))
         noise = gumbel_noise(torch.Size((cfg.batch_size, cells)), cfg, generator)
-        loss = train_step(engine, model, optimizer, scheduler, batch, noise if noise is None else noise.to(world.device), cfg)
+        loss = train_step(engine, model, optimizer, scheduler, batch,
+                          noise if noise is None else noise.to(world.device), cfg)
         samples += cfg.batch_size * world.world_size
         done = step + 1
         bar.update(1)

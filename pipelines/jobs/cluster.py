@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pipelines.jobs.backends import BackendError, ClusterOptions, JobBackend, JobFailed, JobResult, failed_condition
-from pipelines.jobs.rules import CONTAINER_NAME
 from pipelines.jobs.pytorchjob import from_manifest, to_manifest
+from pipelines.jobs.rules import CONTAINER_NAME
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 DELETE_POLICIES = ("always", "on-success", "never")

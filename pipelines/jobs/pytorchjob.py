@@ -23,8 +23,14 @@ import yaml
 from kubeflow.training import models as kf
 from kubernetes import client as k8s
 
-from pipelines.jobs.rules import (CLEAN_POD_POLICIES, CONTAINER_NAME, dns1035_problem, image_problem,
-                                  nproc_problem, pytorchjob_problems)
+from pipelines.jobs.rules import (
+    CLEAN_POD_POLICIES,
+    CONTAINER_NAME,
+    dns1035_problem,
+    image_problem,
+    nproc_problem,
+    pytorchjob_problems,
+)
 from pipelines.jobs.team_config import TeamConfig
 from trainer.errors import UserError
 

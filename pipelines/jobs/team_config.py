@@ -101,7 +101,7 @@ class TeamConfig:
     # ---------------------------------------------------------------- readers
 
     @classmethod
-    def from_configmap(cls, obj: Mapping[str, Any], source: str = CONFIGMAP_NAME) -> "TeamConfig":
+    def from_configmap(cls, obj: Mapping[str, Any], source: str = CONFIGMAP_NAME) -> TeamConfig:
         """From a ConfigMap manifest (with `data`) or from its data mapping alone."""
         if not isinstance(obj, Mapping):
             raise TeamConfigError(f"{source}: expected a ConfigMap or its data mapping, got {type(obj).__name__}")
@@ -124,7 +124,7 @@ class TeamConfig:
         return config
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TeamConfig":
+    def from_file(cls, path: str | Path) -> TeamConfig:
         """From a YAML file holding the ConfigMap: a single object or a multi-document stream
         (e.g. `kubectl kustomize kustomize/overlays/<team>` output)."""
         docs = load_documents(path, TeamConfigError, label=f"team config file {path}")
@@ -135,10 +135,11 @@ class TeamConfig:
         if len(named) > 1:
             raise TeamConfigError(f"team config file {path}: holds {len(named)} ConfigMaps named {CONFIGMAP_NAME}")
         found = ", ".join(str((d.get("metadata") or {}).get("name")) for d in maps) or "none"
-        raise TeamConfigError(f"team config file {path}: no ConfigMap named {CONFIGMAP_NAME} (ConfigMaps found: {found})")
+        raise TeamConfigError(f"team config file {path}: no ConfigMap named {CONFIGMAP_NAME} "
+                              f"(ConfigMaps found: {found})")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "TeamConfig":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TeamConfig:
         """From the env vars that kfp.kubernetes.use_config_map_as_env injects (names in ENV_NAMES)."""
         environ = os.environ if environ is None else environ
         missing = [key for key, env in ENV_NAMES.items() if env not in environ]
@@ -148,7 +149,7 @@ class TeamConfig:
         return cls.from_configmap({key: environ[env] for key, env in ENV_NAMES.items()}, source="environment")
 
     @classmethod
-    def local_default(cls) -> "TeamConfig":
+    def local_default(cls) -> TeamConfig:
         """The laptop: no GPU, no tolerations, no durable storage (the builder then uses an emptyDir)."""
         return cls(
             team="local", capacity="on-demand", gpu_type="", gpus_per_replica=0, cpu_per_replica="1",
@@ -177,7 +178,7 @@ class TeamConfig:
     # ---------------------------------------------------------------- parsing
 
     @classmethod
-    def _parse(cls, data: Mapping[str, str], source: str) -> "TeamConfig":
+    def _parse(cls, data: Mapping[str, str], source: str) -> TeamConfig:
         def fail(key: str, why: str) -> TeamConfigError:
             return TeamConfigError(f"{source}: {key}={data[key]!r} {why}")
 
@@ -228,7 +229,8 @@ class TeamConfig:
             raise fail("nodeSelector", f"sets {SPOT_LABEL}={spot!r}, which contradicts capacity={config.capacity!r}")
         accelerator = selector.get(ACCELERATOR_LABEL)
         if accelerator is not None and config.gpus_per_replica > 0 and accelerator != config.gpu_type:
-            raise fail("nodeSelector", f"sets {ACCELERATOR_LABEL}={accelerator!r}, which contradicts gpuType={config.gpu_type!r}")
+            raise fail("nodeSelector",
+                       f"sets {ACCELERATOR_LABEL}={accelerator!r}, which contradicts gpuType={config.gpu_type!r}")
         return config
 
 
@@ -253,11 +255,13 @@ def _check_toleration(tol: Any, where: str) -> None:
     if operator not in TOLERATION_OPERATORS:
         raise TeamConfigError(f"{where}: operator={operator!r} is not one of {', '.join(TOLERATION_OPERATORS)}")
     if tol.get("effect", "") not in TOLERATION_EFFECTS:
-        raise TeamConfigError(f"{where}: effect={tol['effect']!r} is not one of NoSchedule, PreferNoSchedule, NoExecute")
+        raise TeamConfigError(f"{where}: effect={tol['effect']!r} "
+                              "is not one of NoSchedule, PreferNoSchedule, NoExecute")
     if operator == "Exists" and tol.get("value"):
         raise TeamConfigError(f"{where}: value must be empty when operator is Exists")
     for k in ("key", "value"):
         if k in tol and not isinstance(tol[k], str):
             raise TeamConfigError(f"{where}: {k} must be a string")
-    if "tolerationSeconds" in tol and (not isinstance(tol["tolerationSeconds"], int) or isinstance(tol["tolerationSeconds"], bool)):
+    if "tolerationSeconds" in tol and (not isinstance(tol["tolerationSeconds"], int)
+                                       or isinstance(tol["tolerationSeconds"], bool)):
         raise TeamConfigError(f"{where}: tolerationSeconds must be an integer")

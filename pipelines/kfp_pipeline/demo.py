@@ -66,8 +66,8 @@ def run_demo(workdir: str | Path, *, source: str = "synthetic", threshold: float
     """Run the pipeline with kfp.local; settings override DEMO (steps, batch_size, ...)."""
     import kfp.local
 
-    from pipelines.kfp_pipeline.steps.train import TEAM_CONFIG_FILE_ENV
     from pipelines.kfp_pipeline.pipeline import DEFAULT_THRESHOLD, arrcoc_train
+    from pipelines.kfp_pipeline.steps.train import TEAM_CONFIG_FILE_ENV
 
     values = {**DEMO, **settings}
     unknown = sorted(set(values) - set(DEMO))

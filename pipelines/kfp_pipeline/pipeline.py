@@ -24,14 +24,14 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Metrics, Model
 
+from pipelines.jobs.pytorchjob import CHECKPOINT_MOUNT, RUN_AS_USER
+from pipelines.jobs.team_config import CONFIGMAP_NAME, ENV_NAMES, SPOT_LABEL
 from pipelines.kfp_pipeline.components import BASE_IMAGE
 from pipelines.kfp_pipeline.components.evaluate import evaluate
 from pipelines.kfp_pipeline.components.prepare_data import prepare_data
 from pipelines.kfp_pipeline.components.register import register
 from pipelines.kfp_pipeline.components.train import train
 from pipelines.kfp_pipeline.steps.train import MAX_TIMEOUT_MINUTES
-from pipelines.jobs.pytorchjob import CHECKPOINT_MOUNT, RUN_AS_USER
-from pipelines.jobs.team_config import CONFIGMAP_NAME, ENV_NAMES, SPOT_LABEL
 from trainer.config import TrainConfig
 
 PIPELINE_NAME = "arrcoc-train"

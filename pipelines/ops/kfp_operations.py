@@ -21,9 +21,10 @@ import socket
 import subprocess
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import yaml
 
@@ -141,7 +142,7 @@ class PipelineFile:
     parameters: dict[str, dict]
 
     @classmethod
-    def read(cls, path: Path) -> "PipelineFile":
+    def read(cls, path: Path) -> PipelineFile:
         try:
             docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
         except OSError as exc:
@@ -204,7 +205,7 @@ class Schedule:
     cron: str
     experiment: str
     parameters: dict[str, Any] = field(default_factory=dict)
-    pipeline: str | None = None  # None until _with_pipeline: the name in pipelines/kfp_pipeline/compiled/arrcoc_train.yaml
+    pipeline: str | None = None  # None until _with_pipeline: the name in the compiled pipeline YAML
     version: str | None = None  # None: the latest version when applied
     enabled: bool = True
     source: str = "command line"
@@ -324,7 +325,7 @@ def check_parameters(params: dict[str, Any], declared: dict[str, dict], where: s
 
 # ---------------------------------------------------------------- connection
 @contextlib.contextmanager
-def connect(args: argparse.Namespace) -> Iterator["Operator"]:
+def connect(args: argparse.Namespace) -> Iterator[Operator]:
     token = _token(args.token_file)
     namespace = args.namespace or os.environ.get("KFP_NAMESPACE") or None
     with contextlib.ExitStack() as stack:

@@ -22,12 +22,11 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pipelines.yaml_files import load_documents
-
 
 # Katib's default StdOut filter (pkg/metricscollector/v1beta1/common/const.go DefaultFilter).
 DEFAULT_METRICS_FORMAT = r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)"
@@ -278,7 +277,8 @@ def _objective(spec: dict, source: str) -> Objective:
         name, value = (strategy or {}).get("name"), (strategy or {}).get("value")
         if value not in METRIC_STRATEGIES:
             raise ExperimentError(
-                f"{source}: spec.objective.metricStrategies[{i}].value={value!r}; allowed: {', '.join(METRIC_STRATEGIES)}"
+                f"{source}: spec.objective.metricStrategies[{i}].value={value!r}; "
+                f"allowed: {', '.join(METRIC_STRATEGIES)}"
             )
         given[str(name)] = value
     # experiment_defaults.go: every metric without a strategy follows the objective type.
@@ -291,9 +291,11 @@ def _algorithm(spec: dict, source: str) -> tuple[str, dict[str, str]]:
     algo = spec.get("algorithm")
     name = algo.get("algorithmName") if isinstance(algo, dict) else None
     if not name:
-        raise ExperimentError(f"{source}: spec.algorithm.algorithmName is required; allowed: {', '.join(KATIB_ALGORITHMS)}")
+        raise ExperimentError(f"{source}: spec.algorithm.algorithmName is required; "
+                              f"allowed: {', '.join(KATIB_ALGORITHMS)}")
     if name not in KATIB_ALGORITHMS:
-        raise ExperimentError(f"{source}: spec.algorithm.algorithmName={name!r}; allowed: {', '.join(KATIB_ALGORITHMS)}")
+        raise ExperimentError(f"{source}: spec.algorithm.algorithmName={name!r}; "
+                              f"allowed: {', '.join(KATIB_ALGORITHMS)}")
     settings: dict[str, str] = {}
     for i, setting in enumerate(algo.get("algorithmSettings") or []):
         key = (setting or {}).get("name")
@@ -336,7 +338,8 @@ def _parameters(spec: dict, source: str) -> list[Parameter]:
             if space.get("list"):
                 raise ExperimentError(f"{source}: {where}.feasibleSpace.list is not supported for parameterType {kind}")
             if space.get("min") in (None, "") or space.get("max") in (None, ""):
-                raise ExperimentError(f"{source}: {where}.feasibleSpace.min and .max are required for parameterType {kind}")
+                raise ExperimentError(f"{source}: {where}.feasibleSpace.min and .max "
+                                      f"are required for parameterType {kind}")
             low = _float(space["min"], f"{where}.feasibleSpace.min", source)
             high = _float(space["max"], f"{where}.feasibleSpace.max", source)
             if low >= high:
@@ -346,7 +349,8 @@ def _parameters(spec: dict, source: str) -> list[Parameter]:
             params.append(Parameter(name, kind, low, high, step, (), distribution))
         else:
             if any(space.get(k) not in (None, "") for k in ("min", "max", "step")):
-                raise ExperimentError(f"{source}: {where}.feasibleSpace .min, .max and .step are not supported for {kind}")
+                raise ExperimentError(f"{source}: {where}.feasibleSpace .min, .max and .step "
+                                      f"are not supported for {kind}")
             values = tuple(str(v) for v in space.get("list") or ())
             if not values:
                 raise ExperimentError(f"{source}: {where}.feasibleSpace.list is required for parameterType {kind}")
@@ -389,7 +393,8 @@ def _trial_template(spec: dict, params: list[Parameter], source: str) -> dict:
         raise ExperimentError(f"{source}: spec.trialTemplate.trialSpec: apiVersion and kind must be specified")
     meta = trial_spec.get("metadata") or {}
     if meta.get("name") or meta.get("namespace"):
-        raise ExperimentError(f"{source}: spec.trialTemplate.trialSpec: metadata.name and metadata.namespace must be omitted")
+        raise ExperimentError(f"{source}: spec.trialTemplate.trialSpec: "
+                              "metadata.name and metadata.namespace must be omitted")
 
     text = json.dumps(trial_spec)
     param_names = {p.name for p in params}
@@ -399,7 +404,8 @@ def _trial_template(spec: dict, params: list[Parameter], source: str) -> dict:
         where = f"spec.trialTemplate.trialParameters[{i}]"
         name, ref = (tp or {}).get("name"), (tp or {}).get("reference")
         if not name or not ref or "{" in name or "}" in name:
-            raise ExperimentError(f"{source}: {where}: name and reference must be specified and name must not contain '{{' or '}}'")
+            raise ExperimentError(f"{source}: {where}: name and reference must be specified "
+                                  "and name must not contain '{' or '}'")
         if name in seen_names:
             raise ExperimentError(f"{source}: {where}.name {name!r} is duplicated")
         if ref in seen_refs:
@@ -409,11 +415,13 @@ def _trial_template(spec: dict, params: list[Parameter], source: str) -> dict:
         if not _is_meta_reference(ref) and ref not in param_names:
             raise ExperimentError(
                 f"{source}: {where}.reference={ref!r} is neither a spec.parameters name "
-                f"({', '.join(sorted(param_names))}) nor a ${{trialSpec.Name|Namespace|Kind|APIVersion|Labels[..]|Annotations[..]}}"
+                f"({', '.join(sorted(param_names))}) "
+                "nor a ${trialSpec.Name|Namespace|Kind|APIVersion|Labels[..]|Annotations[..]}"
             )
-        placeholder = "${trialParameters.%s}" % name
+        placeholder = f"${{trialParameters.{name}}}"
         if placeholder not in text:
-            raise ExperimentError(f"{source}: {where}.name {name!r} is not used in spec.trialTemplate.trialSpec ({placeholder})")
+            raise ExperimentError(f"{source}: {where}.name {name!r} is not used in spec.trialTemplate.trialSpec "
+                                  f"({placeholder})")
         text = text.replace(placeholder, "test-value")
     leftover = _PARAM_PLACEHOLDER_RE.findall(text)
     if leftover:
@@ -440,9 +448,11 @@ def parse_experiment(doc: dict, source: str = "<manifest>") -> Experiment:
     parallel = _int_field(spec, "parallelTrialCount", source, 1)
     parallel = 3 if parallel is None else parallel  # DefaultTrialParallelCount
     if max_failed is not None and max_trials is not None and max_failed > max_trials:
-        raise ExperimentError(f"{source}: spec.maxFailedTrialCount={max_failed} should be <= spec.maxTrialCount={max_trials}")
+        raise ExperimentError(f"{source}: spec.maxFailedTrialCount={max_failed} "
+                              f"should be <= spec.maxTrialCount={max_trials}")
     if max_trials is not None and parallel > max_trials:
-        raise ExperimentError(f"{source}: spec.parallelTrialCount={parallel} should be <= spec.maxTrialCount={max_trials}")
+        raise ExperimentError(f"{source}: spec.parallelTrialCount={parallel} "
+                              f"should be <= spec.maxTrialCount={max_trials}")
 
     objective = _objective(spec, source)
     algorithm, settings = _algorithm(spec, source)
@@ -462,15 +472,18 @@ def parse_experiment(doc: dict, source: str = "<manifest>") -> Experiment:
     mc = spec.get("metricsCollectorSpec") or {}
     kind = ((mc.get("collector") or {}).get("kind")) or "StdOut"
     if kind not in COLLECTOR_KINDS:
-        raise ExperimentError(f"{source}: spec.metricsCollectorSpec.collector.kind={kind!r}; allowed: {', '.join(COLLECTOR_KINDS)}")
+        raise ExperimentError(f"{source}: spec.metricsCollectorSpec.collector.kind={kind!r}; "
+                              f"allowed: {', '.join(COLLECTOR_KINDS)}")
     formats = list(((mc.get("source") or {}).get("filter") or {}).get("metricsFormat") or [])
     for i, fmt in enumerate(formats):
         try:
             compiled = re.compile(fmt)
         except re.error as exc:
-            raise ExperimentError(f"{source}: spec.metricsCollectorSpec.source.filter.metricsFormat[{i}] is not a regex ({exc})") from None
+            raise ExperimentError(f"{source}: spec.metricsCollectorSpec.source.filter.metricsFormat[{i}] "
+                                  f"is not a regex ({exc})") from None
         if compiled.groups < 2:
-            raise ExperimentError(f"{source}: spec.metricsCollectorSpec.source.filter.metricsFormat[{i}] needs two groups (name, value)")
+            raise ExperimentError(f"{source}: spec.metricsCollectorSpec.source.filter.metricsFormat[{i}] "
+                                  "needs two groups (name, value)")
 
     return Experiment(
         name=name,
@@ -516,7 +529,7 @@ def substitute_trial_parameters(trial_spec: dict, trial_parameters: list[TrialPa
             value = "" if _META_INDEX_RE.match(key) else meta[key]
         else:
             value = assignments[tp.reference]
-        text = text.replace("${trialParameters.%s}" % tp.name, value)
+        text = text.replace(f"${{trialParameters.{tp.name}}}", value)
     return json.loads(text)
 
 
@@ -533,7 +546,8 @@ def render_trial(
     try:
         job = substitute_trial_parameters(spec, experiment.trial_parameters, assignments, trial_name, namespace)
     except json.JSONDecodeError:
-        raise ExperimentError(f"{experiment.source}: trial {trial_name}: substituted values break the trial template") from None
+        raise ExperimentError(f"{experiment.source}: trial {trial_name}: "
+                              "substituted values break the trial template") from None
     job.setdefault("metadata", {})
     job["metadata"]["name"] = trial_name
     job["metadata"]["namespace"] = namespace
@@ -548,7 +562,7 @@ class MetricObservation:
     latest: str = UNAVAILABLE
 
 
-_NO_TIME = datetime.min.replace(tzinfo=timezone.utc)  # Katib's time.Time{} for lines without a timestamp
+_NO_TIME = datetime.min.replace(tzinfo=UTC)  # Katib's time.Time{} for lines without a timestamp
 
 
 def _timestamp(line: str) -> datetime:

@@ -125,7 +125,8 @@ def apply_overrides(
         # Katib rejects parallel > max and maxFailed > max; a short rehearsal shrinks them with the budget.
         if isinstance(spec.get("maxFailedTrialCount"), int) and spec["maxFailedTrialCount"] > max_trials:
             spec["maxFailedTrialCount"] = max_trials
-        if parallel is None and isinstance(spec.get("parallelTrialCount"), int) and spec["parallelTrialCount"] > max_trials:
+        if (parallel is None and isinstance(spec.get("parallelTrialCount"), int)
+                and spec["parallelTrialCount"] > max_trials):
             spec["parallelTrialCount"] = max_trials
     if parallel is not None:
         spec["parallelTrialCount"] = parallel
@@ -137,7 +138,8 @@ def apply_overrides(
             for s in algo.get("algorithmSettings") or []:
                 (kept if s.get("name") in allowed else dropped).append(s)
             if dropped:
-                notes.append(f"--algorithm {algorithm}: dropped settings {', '.join(str(s.get('name')) for s in dropped)}")
+                notes.append(f"--algorithm {algorithm}: dropped settings "
+                             f"{', '.join(str(s.get('name')) for s in dropped)}")
             algo["algorithmName"] = algorithm
             algo["algorithmSettings"] = kept
     if sets:
@@ -150,7 +152,8 @@ def apply_overrides(
             key, sep, value = item.partition("=")
             key = key.strip().replace("-", "_")
             if not sep or key not in fields:
-                raise SweepError(f"--set {item!r}: expected KEY=VALUE with KEY a trainer flag; allowed: {', '.join(fields)}")
+                raise SweepError(f"--set {item!r}: expected KEY=VALUE with KEY a trainer flag; "
+                                 f"allowed: {', '.join(fields)}")
             flag = "--" + key.replace("_", "-")
             for c in containers:
                 tokens = [*(c.get("command") or []), *(c.get("args") or [])]
@@ -298,7 +301,8 @@ def run_sweep(experiment: Experiment, workdir: Path, *, runner: Runner | None = 
                     record = TrialRecord(name=name, index=created, parameters=assignments)
                     print(f"trial {name} started: {' '.join(f'{k}={v}' for k, v in assignments.items())}",
                           file=out, flush=True)
-                    pending[pool.submit(start_trial, experiment, record, workdir / name, runner, trial_timeout)] = record
+                    pending[pool.submit(start_trial, experiment, record, workdir / name, runner,
+                                        trial_timeout)] = record
             if not pending:
                 break
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -480,7 +484,8 @@ def _positive(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", metavar="FILE.yaml", help="a Katib Experiment, or a rendered multi-document build with one")
+    parser.add_argument("file", metavar="FILE.yaml",
+                        help="a Katib Experiment, or a rendered multi-document build with one")
     parser.add_argument("--local", action="store_true", help="run the trials on this machine instead of the cluster")
     parser.add_argument("--max-trials", type=_positive, metavar="N", help="override spec.maxTrialCount")
     parser.add_argument("--parallel", type=_positive, metavar="N", help="override spec.parallelTrialCount")
@@ -490,7 +495,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", metavar="DIR", help="local outputs (default: runs/sweep/<experiment>)")
     parser.add_argument("--trial-timeout", type=float, metavar="SECONDS", help="local: fail a trial running longer")
     parser.add_argument("--namespace", help="cluster: namespace (default: the manifest's metadata.namespace)")
-    parser.add_argument("--kubeconfig", metavar="FILE", help="cluster: kubeconfig (default: $KUBECONFIG, ~/.kube/config)")
+    parser.add_argument("--kubeconfig", metavar="FILE",
+                        help="cluster: kubeconfig (default: $KUBECONFIG, ~/.kube/config)")
     parser.add_argument("--context", help="cluster: kubeconfig context")
 
 

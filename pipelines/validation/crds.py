@@ -1,5 +1,6 @@
 """`python -m pipelines.validation.crds download [DIR]`: fetch the upstream CRDs and schemas `arrcoc validate`
-reads, at pinned commits, and check them against the sha256 list below. `python -m pipelines.validation.crds verify [DIR]` checks an existing directory.
+reads, at pinned commits, and check them against the sha256 list below.
+`python -m pipelines.validation.crds verify [DIR]` checks an existing directory.
 Nothing is written unless every file downloads and matches: files land in a temporary directory
 inside DIR and are renamed into place at the end; a directory that already matches is left as is.
 """
@@ -31,22 +32,47 @@ class PinnedFile:
 
 
 FILES = (
-    PinnedFile("katib-v0.19.0/experiment.yaml", "kubeflow/katib", "578e60f1ce83dbb5e7151026a3bdc4de233947fc", "manifests/v1beta1/components/crd/experiment.yaml"),
-    PinnedFile("katib-v0.19.0/suggestion.yaml", "kubeflow/katib", "578e60f1ce83dbb5e7151026a3bdc4de233947fc", "manifests/v1beta1/components/crd/suggestion.yaml"),
-    PinnedFile("katib-v0.19.0/swagger.json", "kubeflow/katib", "578e60f1ce83dbb5e7151026a3bdc4de233947fc", "pkg/apis/v1beta1/swagger.json"),
-    PinnedFile("katib-v0.19.0/trial.yaml", "kubeflow/katib", "578e60f1ce83dbb5e7151026a3bdc4de233947fc", "manifests/v1beta1/components/crd/trial.yaml"),
-    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_admissionchecks.yaml", "kubernetes-sigs/kueue", "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb", "config/components/crd/bases/kueue.x-k8s.io_admissionchecks.yaml"),
-    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_clusterqueues.yaml", "kubernetes-sigs/kueue", "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb", "config/components/crd/bases/kueue.x-k8s.io_clusterqueues.yaml"),
-    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_cohorts.yaml", "kubernetes-sigs/kueue", "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb", "config/components/crd/bases/kueue.x-k8s.io_cohorts.yaml"),
-    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_localqueues.yaml", "kubernetes-sigs/kueue", "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb", "config/components/crd/bases/kueue.x-k8s.io_localqueues.yaml"),
-    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_resourceflavors.yaml", "kubernetes-sigs/kueue", "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb", "config/components/crd/bases/kueue.x-k8s.io_resourceflavors.yaml"),
-    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_topologies.yaml", "kubernetes-sigs/kueue", "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb", "config/components/crd/bases/kueue.x-k8s.io_topologies.yaml"),
-    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_workloadpriorityclasses.yaml", "kubernetes-sigs/kueue", "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb", "config/components/crd/bases/kueue.x-k8s.io_workloadpriorityclasses.yaml"),
-    PinnedFile("profiles-manifests-26.03/kubeflow.org_profiles.yaml", "kubeflow/manifests", "d68ebc7fab366ab40ddd1541d2ec22febb31bc83", "applications/profiles/upstream/crd/bases/kubeflow.org_profiles.yaml"),
-    PinnedFile("trainer-v2.1.0/trainer.kubeflow.org_clustertrainingruntimes.yaml", "kubeflow/trainer", "73c9bece741ce17d2124abda3ec6bfcf5b5b8e87", "manifests/base/crds/trainer.kubeflow.org_clustertrainingruntimes.yaml"),
-    PinnedFile("trainer-v2.1.0/trainer.kubeflow.org_trainingruntimes.yaml", "kubeflow/trainer", "73c9bece741ce17d2124abda3ec6bfcf5b5b8e87", "manifests/base/crds/trainer.kubeflow.org_trainingruntimes.yaml"),
-    PinnedFile("trainer-v2.1.0/trainer.kubeflow.org_trainjobs.yaml", "kubeflow/trainer", "73c9bece741ce17d2124abda3ec6bfcf5b5b8e87", "manifests/base/crds/trainer.kubeflow.org_trainjobs.yaml"),
-    PinnedFile("training-operator-v1.9.2/kubeflow.org_pytorchjobs.yaml", "kubeflow/trainer", "bde9c20903ad9b54af1f3883e4fa764a3c0db797", "manifests/base/crds/kubeflow.org_pytorchjobs.yaml"),
+    PinnedFile("katib-v0.19.0/experiment.yaml", "kubeflow/katib", "578e60f1ce83dbb5e7151026a3bdc4de233947fc",
+               "manifests/v1beta1/components/crd/experiment.yaml"),
+    PinnedFile("katib-v0.19.0/suggestion.yaml", "kubeflow/katib", "578e60f1ce83dbb5e7151026a3bdc4de233947fc",
+               "manifests/v1beta1/components/crd/suggestion.yaml"),
+    PinnedFile("katib-v0.19.0/swagger.json", "kubeflow/katib", "578e60f1ce83dbb5e7151026a3bdc4de233947fc",
+               "pkg/apis/v1beta1/swagger.json"),
+    PinnedFile("katib-v0.19.0/trial.yaml", "kubeflow/katib", "578e60f1ce83dbb5e7151026a3bdc4de233947fc",
+               "manifests/v1beta1/components/crd/trial.yaml"),
+    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_admissionchecks.yaml", "kubernetes-sigs/kueue",
+               "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb",
+               "config/components/crd/bases/kueue.x-k8s.io_admissionchecks.yaml"),
+    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_clusterqueues.yaml", "kubernetes-sigs/kueue",
+               "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb",
+               "config/components/crd/bases/kueue.x-k8s.io_clusterqueues.yaml"),
+    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_cohorts.yaml", "kubernetes-sigs/kueue",
+               "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb", "config/components/crd/bases/kueue.x-k8s.io_cohorts.yaml"),
+    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_localqueues.yaml", "kubernetes-sigs/kueue",
+               "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb",
+               "config/components/crd/bases/kueue.x-k8s.io_localqueues.yaml"),
+    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_resourceflavors.yaml", "kubernetes-sigs/kueue",
+               "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb",
+               "config/components/crd/bases/kueue.x-k8s.io_resourceflavors.yaml"),
+    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_topologies.yaml", "kubernetes-sigs/kueue",
+               "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb",
+               "config/components/crd/bases/kueue.x-k8s.io_topologies.yaml"),
+    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_workloadpriorityclasses.yaml", "kubernetes-sigs/kueue",
+               "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb",
+               "config/components/crd/bases/kueue.x-k8s.io_workloadpriorityclasses.yaml"),
+    PinnedFile("profiles-manifests-26.03/kubeflow.org_profiles.yaml", "kubeflow/manifests",
+               "d68ebc7fab366ab40ddd1541d2ec22febb31bc83",
+               "applications/profiles/upstream/crd/bases/kubeflow.org_profiles.yaml"),
+    PinnedFile("trainer-v2.1.0/trainer.kubeflow.org_clustertrainingruntimes.yaml", "kubeflow/trainer",
+               "73c9bece741ce17d2124abda3ec6bfcf5b5b8e87",
+               "manifests/base/crds/trainer.kubeflow.org_clustertrainingruntimes.yaml"),
+    PinnedFile("trainer-v2.1.0/trainer.kubeflow.org_trainingruntimes.yaml", "kubeflow/trainer",
+               "73c9bece741ce17d2124abda3ec6bfcf5b5b8e87",
+               "manifests/base/crds/trainer.kubeflow.org_trainingruntimes.yaml"),
+    PinnedFile("trainer-v2.1.0/trainer.kubeflow.org_trainjobs.yaml", "kubeflow/trainer",
+               "73c9bece741ce17d2124abda3ec6bfcf5b5b8e87", "manifests/base/crds/trainer.kubeflow.org_trainjobs.yaml"),
+    PinnedFile("training-operator-v1.9.2/kubeflow.org_pytorchjobs.yaml", "kubeflow/trainer",
+               "bde9c20903ad9b54af1f3883e4fa764a3c0db797", "manifests/base/crds/kubeflow.org_pytorchjobs.yaml"),
 )
 
 SHA256SUMS = """\
@@ -66,7 +92,7 @@ be1a629914db7bef3b4f864be82a0bfcb7ab5fb8e2fd58542de024b9f5f559f0  ./trainer-v2.1
 bcf07e6094259d389a00d84013e7723b975570373ee00f07dc5faec7b002f155  ./trainer-v2.1.0/trainer.kubeflow.org_trainingruntimes.yaml
 65ea8f95f298103275e00b690bda5e090355f7eb5d6e4d15236b557f088b8078  ./trainer-v2.1.0/trainer.kubeflow.org_trainjobs.yaml
 eb80e57a984cdc7ceefaaf3fc561e21b673c30cbb58589f2389528d2b2760d22  ./training-operator-v1.9.2/kubeflow.org_pytorchjobs.yaml
-"""
+"""  # noqa: E501  (sha256sum's own format: one digest and path per line)
 
 
 class CrdError(RuntimeError):
@@ -122,7 +148,8 @@ def download(directory: Path, timeout: float = 60.0) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.validation.crds", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("download", "verify"))
-    parser.add_argument("directory", nargs="?", type=Path, help="default: $ARRCOC_CRD_DIR or .arrcoc/crds in the checkout")
+    parser.add_argument("directory", nargs="?", type=Path,
+                        help="default: $ARRCOC_CRD_DIR or .arrcoc/crds in the checkout")
     args = parser.parse_args(argv)
     directory = args.directory or crd_dir()
     try:

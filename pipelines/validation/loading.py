@@ -52,7 +52,8 @@ def pin_problem(entry: str) -> str | None:
     ref = re.search(r"[?&](ref|version)=([^&]+)", entry)
     if ref:
         value = ref.group(2)
-        return None if _PINNED_REF.match(value) else f"ref {value!r} is not a version tag or commit (branches and 'latest' move)"
+        return (None if _PINNED_REF.match(value)
+                else f"ref {value!r} is not a version tag or commit (branches and 'latest' move)")
     if "latest" in entry.split("/"):
         return "'latest' moves: pin a release version"
     if _URL_VERSION.search(entry):
@@ -89,7 +90,8 @@ def render(directory: Path, label: str, out: Loaded) -> None:
     out.targets += 1
     if result.returncode != 0:
         message = " ".join((result.stderr or result.stdout).split())
-        out.findings.append(Finding(label, "Kustomization", "", label, "(build)", f"kubectl kustomize failed: {message}"))
+        out.findings.append(Finding(label, "Kustomization", "", label, "(build)",
+                                    f"kubectl kustomize failed: {message}"))
         return
     _add_yaml(result.stdout, label, out)
 
@@ -118,7 +120,8 @@ def check_pins(directory: Path, label_of, out: Loaded) -> None:
     for where, entry in remote_entries(directory):
         problem = pin_problem(entry)
         if problem:
-            out.findings.append(Finding(label_of(where), "Kustomization", "", label_of(where), "resources", f"{entry}: {problem}"))
+            out.findings.append(Finding(label_of(where), "Kustomization", "", label_of(where), "resources",
+                                        f"{entry}: {problem}"))
 
 
 def load_tree(root: Path, label_of, out: Loaded, render_remote: set[Path] = frozenset()) -> None:

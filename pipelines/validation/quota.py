@@ -137,7 +137,7 @@ def _check_kueue(docs: list[Doc], namespace: str, quota: Doc, hard: Mapping) -> 
             continue
         admits: Counter = Counter()
         unbounded: set[str] = set()
-        for g, group in enumerate(spec.get("resourceGroups") or []):
+        for group in spec.get("resourceGroups") or []:
             for flavor in group.get("flavors") or []:
                 for resource in flavor.get("resources") or []:
                     name = resource.get("name")

@@ -2,11 +2,11 @@
 
 With no PATH: manifests/ (offline parts rendered, remote refs checked for pinning; with --platform the
 Kubeflow install in manifests/kubeflow is rendered from its remote refs too), every kustomize/overlays/*, every
-katib/overlays/* and every YAML file under pipelines/jobs/examples/; the compiled pipelines in pipelines/kfp_pipeline/compiled/
-feed the model of the pods KFP builds. Besides each object on its own, the objects are checked together:
-team namespaces and their quotas (validation.invariants, validation.quota), the connections their workloads
-need under every NetworkPolicy (validation.reachability), and Pod Security "restricted" on the pods Kubeflow's
-controllers build (validation.controller_pods).
+katib/overlays/* and every YAML file under pipelines/jobs/examples/; the compiled pipelines in
+pipelines/kfp_pipeline/compiled/ feed the model of the pods KFP builds. Besides each object on its own, the
+objects are checked together: team namespaces and their quotas (validation.invariants, validation.quota), the
+connections their workloads need under every NetworkPolicy (validation.reachability), and Pod Security
+"restricted" on the pods Kubeflow's controllers build (validation.controller_pods).
 Each error prints as `<file>: <Kind>/<namespace>/<name>: <field.path>: <message>`; any error
 exits 1, otherwise one OK line. Warnings print the same way after `warning: ` and do not fail.
 """
@@ -84,11 +84,13 @@ def check(docs: list[Doc], schemas: SchemaSet, compiled: list[Path] = ()) -> lis
             trial = katib.substituted_trial_spec(doc)
             if trial is not None:
                 prefix = ["spec", "trialTemplate", "trialSpec"]
-                trial_doc = Doc(doc.source, {**trial, "metadata": {**(trial.get("metadata") or {}), "namespace": doc.namespace}})
+                trial_doc = Doc(doc.source,
+                                {**trial, "metadata": {**(trial.get("metadata") or {}), "namespace": doc.namespace}})
                 # The trial job is checked against its own CRD, but reported on the Experiment.
                 for error in schemas.check(trial_doc):
                     if error.path != "apiVersion" or trial.get("kind") not in (None, ""):
-                        findings.append(doc.finding(".".join(filter(None, [*map(str, prefix), error.path])) if error.path != "(root)" else ".".join(prefix), error.message))
+                        findings.append(doc.finding(".".join(filter(None, [*map(str, prefix), error.path]))
+                                                    if error.path != "(root)" else ".".join(prefix), error.message))
                 templates.extend(pod_specs(trial, prefix))
         for prefix, job in _pytorchjobs(doc):
             findings.extend(training.check_pytorchjob(doc, job, prefix))

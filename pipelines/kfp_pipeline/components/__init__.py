@@ -12,4 +12,5 @@ rejects string annotations.
 # Every component runs in the trainer image: our package, torch and kfp are already there, so nothing is
 # pip-installed at run time (clusters may have no PyPI access, laptops no network).
 from pipelines.jobs.pytorchjob import DEFAULT_IMAGE as BASE_IMAGE  # noqa: E402  (one place names the image)
+
 COMPONENT_OPTIONS = {"base_image": BASE_IMAGE, "install_kfp_package": False}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 MAX_FOLDER_IMAGES = 4  # each image folder picture is drawn under every colour query: 6 rows apiece
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 SYNTHETIC = "synthetic"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -161,7 +162,7 @@ def prepare_vqa(source: str, seed: int, train_size: int, eval_size: int, train_d
         # convert both splits before writing either: a bad source leaves nothing behind
         splits = [(Path(folder) / name, reader(Path(folder) / name)[:size])
                   for name, size in (("train", train_size), ("eval", eval_size))]
-        for (split_dir, records), out in zip(splits, (train_dir, eval_dir)):
+        for split_dir, records in splits:
             if not records:
                 raise PrepareError(f"source {source}: {split_dir} has no questions")
         metas = []
