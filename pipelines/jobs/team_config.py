@@ -33,6 +33,7 @@ from typing import Any
 from kubernetes.utils.quantity import parse_quantity
 
 from pipelines.yaml_files import load_documents
+from trainer.errors import UserError
 
 CONFIGMAP_NAME = "team-config"
 CAPACITIES = ("spot", "on-demand")
@@ -76,10 +77,8 @@ _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 _GENERATED_NAME = re.compile(re.escape(CONFIGMAP_NAME) + r"(-[a-z0-9]{10})?")
 
 
-class TeamConfigError(ValueError):
+class TeamConfigError(UserError):
     """Bad team-config: printed as one line, exit code 2."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)

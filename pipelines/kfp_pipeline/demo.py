@@ -19,6 +19,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.errors import UserError
+
 DEFAULT_WORKDIR = "runs/demo"
 # Measured on 2 shared cores (docs/pipeline.md): ~190 s, relevance_score ~0.60 against DEFAULT_THRESHOLD 0.4;
 # 80 steps reached only ~0.36.
@@ -30,8 +32,8 @@ class DemoError(RuntimeError):
     exit_code = 1
 
 
-class DemoInputError(ValueError):
-    exit_code = 2
+class DemoInputError(UserError):
+    """A demo setting the pipeline does not take: one line, exit code 2."""
 
 
 @dataclass

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainer.errors import UserError
 
-class CronError(ValueError):
+
+class CronError(UserError):
     """A cron expression KFP would reject or misread: one line, exit code 2."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)

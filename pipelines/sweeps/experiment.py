@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.yaml_files import load_documents
+from trainer.errors import UserError
 
 # Katib's default StdOut filter (pkg/metricscollector/v1beta1/common/const.go DefaultFilter).
 DEFAULT_METRICS_FORMAT = r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)"
@@ -50,10 +51,8 @@ _META_INDEX_RE = re.compile(r"^(.+)\[(.+)]$")
 _META_KEYS = ("Name", "Namespace", "Kind", "APIVersion", "Labels", "Annotations")
 
 
-class ExperimentError(ValueError):
+class ExperimentError(UserError):
     """A manifest Katib would reject, or that the local rehearsal cannot run: one line, exit code 2."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)

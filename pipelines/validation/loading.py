@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.validation.findings import Doc, Finding
+from trainer.errors import UserError
 
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
 _REMOTE = re.compile(r"^(https?://|git@|ssh://|github\.com/|gitlab\.com/)")
@@ -19,10 +20,8 @@ _PINNED_REF = re.compile(r"^(v?\d+(\.\d+)+([-+.][0-9A-Za-z.-]+)?|[0-9a-f]{40})$"
 _URL_VERSION = re.compile(r"/(download|raw|blob)/v?\d+(\.\d+)+/|/v?\d+(\.\d+)+/")
 
 
-class LoadError(ValueError):
+class LoadError(UserError):
     """A path that cannot be validated at all (missing, no kubectl): a user error."""
-
-    exit_code = 2
 
 
 @dataclass

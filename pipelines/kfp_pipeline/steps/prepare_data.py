@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from trainer.errors import UserError
+
 SYNTHETIC = "synthetic"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-class PrepareError(ValueError):
-    exit_code = 2
+class PrepareError(UserError):
+    """A data source prepare-data cannot read: one line, exit code 2."""
 
 
 def textures_of(images: np.ndarray) -> np.ndarray:
