@@ -18,7 +18,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/arrcoc demo
 
-test: $(STAMP)
+# ruff first: a lint finding fails the test command before the slower tests run.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-all: $(STAMP)
@@ -41,7 +45,7 @@ validate: $(STAMP)
 	$(BIN)/arrcoc validate
 
 crds: $(STAMP)
-	$(BIN)/python -m pipelines.crds download
+	$(BIN)/python -m pipelines.validation.crds download
 
 compile: $(STAMP)
 	$(BIN)/arrcoc compile

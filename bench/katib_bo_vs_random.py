@@ -7,7 +7,7 @@ Design, for two shared CPU cores:
 - Every point of a POINTS**3 grid over the tensions (values spread evenly over [0.01, 1.0]) is trained once
   (`python -m trainer`, STEPS steps, fixed seed) and cached in runs/bench/katib_cache.json, keyed by the
   tensions and every trainer flag; re-running the bench with the same flags trains nothing.
-- Bayesian: the suggestion service Katib runs (pipelines/katib_suggestion.py, scikit-optimize configured as
+- Bayesian: the suggestion service Katib runs (pipelines/sweeps/suggestion.py, scikit-optimize configured as
   Katib's skopt service configures it) with the space, settings and parallelTrialCount of the Experiment
   (--experiment, default katib/base/experiment.yaml; --setting overrides one setting), asked round by round as
   Katib's controller asks it; random_state is the search seed. Each suggestion is rendered into the trial
@@ -39,8 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.katib_experiment import observe, read_experiment, render_trial  # noqa: E402
-from pipelines.katib_suggestion import Observed, make_service  # noqa: E402
+from pipelines.sweeps.experiment import observe, read_experiment, render_trial  # noqa: E402
+from pipelines.sweeps.suggestion import Observed, make_service  # noqa: E402
 
 TENSIONS = ("compress_vs_particularize", "exploit_vs_explore", "focus_vs_diversify")
 LOW, HIGH = 0.01, 1.0

@@ -6,8 +6,8 @@ the same seed. Reports steps lost, time to recover, restarts and the final metri
     .venv/bin/python bench/preemption_drill.py --only master:SIGTERM --at-step 25
     .venv/bin/python bench/preemption_drill.py --write docs/preemption.md
 
-The job is the one the pipeline launches (pipelines/pytorchjob.py), run by the local runner
-(pipelines/local_runner.py), which restarts the whole replica group on a retryable exit.
+The job is the one the pipeline launches (pipelines/jobs/pytorchjob.py), run by the local runner
+(pipelines/jobs/local.py), which restarts the whole replica group on a retryable exit.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from pathlib import Path
 
 from common import REPO, markdown_table
 
-from pipelines.local_runner import Chaos, run_local
-from pipelines.pytorchjob import build_pytorchjob, to_manifest
-from pipelines.team_config import TeamConfig
+from pipelines.jobs.local import Chaos, run_local
+from pipelines.jobs.pytorchjob import build_pytorchjob, to_manifest
+from pipelines.jobs.team_config import TeamConfig
 
 SCENARIOS = ["master:SIGTERM", "worker:SIGTERM", "master:SIGKILL", "worker:SIGKILL"]
 REPLICA = {"master": "master-0", "worker": "worker-0"}
@@ -62,7 +62,8 @@ def drill(scenario: str | None, steps: int, every: int, at_step: int, workdir: P
     done_before = max((int(m) for m in re.findall(r"^\[rank 0\] step (\d+)/", before, re.M)), default=0)
     return {
         "scenario": scenario or "uninterrupted", "succeeded": result.succeeded,
-        "reason": result.final.get("reason", ""), "restarts": sum(result.restarts.values()) and max(result.restarts.values()),
+        "reason": result.final.get("reason", ""),
+        "restarts": sum(result.restarts.values()) and max(result.restarts.values()),
         "exit_codes": result.exit_codes, "resumed_from": resumed[-1] if resumed else None,
         "steps_lost": (done_before - resumed[-1]) if (event and resumed) else (None if event else 0),
         "recovery_s": event.recovery_seconds if event else None, "wall_s": wall, "metrics": metrics_of(workdir),
@@ -98,7 +99,8 @@ def main() -> int:
     print(table)
     print(summary)
     if args.write:
-        (REPO / args.write).write_text("# Preemption drill (bench/preemption_drill.py)\n\n" + table + "\n\n" + summary + "\n")
+        (REPO / args.write).write_text("# Preemption drill (bench/preemption_drill.py)\n\n"
+                                       + table + "\n\n" + summary + "\n")
     return 1 if failures else 0
 
 

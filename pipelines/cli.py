@@ -16,12 +16,17 @@ from trainer.config import OneLineParser
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("trainer.cli_train", "train the ARR-COC adapter (same flags as `python -m trainer`)"),
     "evaluate": ("trainer.cli_evaluate", "print Katib metric lines for an adapter or a baseline"),
-    "validate": ("pipelines.validate", "render and check offline every manifest we apply (schemas, webhooks, Pod Security, team invariants)"),
-    "pipeline": ("pipelines.operate", "upload, run and schedule the pipeline on a real KFP (kfp.Client)"),
-    "sweep": ("pipelines.sweep", "run a Katib Experiment: --local rehearses it here, otherwise create it in the cluster"),
-    "pytorchjob": ("pipelines.cli_pytorchjob", "render the PyTorchJob the builder makes, or run one locally (--local) or on the cluster"),
-    "compile": ("pipelines.compile", "compile the KFP pipeline into pipelines/compiled/ (the files uploaded in the KFP UI)"),
-    "demo": ("pipelines.demo", "run the whole pipeline here with kfp.local: data, 2-replica local PyTorchJob, report, gate"),
+    "validate": ("pipelines.validation.run",
+                 "render and check offline every manifest we apply (schemas, webhooks, Pod Security, team invariants)"),
+    "pipeline": ("pipelines.ops.kfp_operations", "upload, run and schedule the pipeline on a real KFP (kfp.Client)"),
+    "sweep": ("pipelines.sweeps.search",
+              "run a Katib Experiment: --local rehearses it here, otherwise create it in the cluster"),
+    "pytorchjob": ("pipelines.jobs.cli",
+                   "render the PyTorchJob the builder makes, or run one locally (--local) or on the cluster"),
+    "compile": ("pipelines.compile",
+                "compile the KFP pipeline into pipelines/kfp_pipeline/compiled/ (the files uploaded in the KFP UI)"),
+    "demo": ("pipelines.kfp_pipeline.demo",
+             "run the whole pipeline here with kfp.local: data, 2-replica local PyTorchJob, report, gate"),
 }
 
 

@@ -1,8 +1,8 @@
 """`arrcoc compile`: regenerate every generated file kept in git.
 
-- pipelines/compiled/*.yaml: the compiled pipeline(s), the files users upload in the KFP UI;
-- katib/base/experiment.yaml below its marker line: the trial template's PyTorchJob (pipelines/katib_trial_spec.py);
-- pipelines/examples/*.yaml: example PyTorchJobs, rendered by `arrcoc pytorchjob render` with EXAMPLES' arguments.
+- pipelines/kfp_pipeline/compiled/*.yaml: the compiled pipeline(s), the files users upload in the KFP UI;
+- katib/base/experiment.yaml below its marker line: the trial template's PyTorchJob (pipelines/sweeps/trial_spec.py);
+- pipelines/jobs/examples/*.yaml: example PyTorchJobs, rendered by `arrcoc pytorchjob render` with EXAMPLES' arguments.
 
 Tests fail when any of them is stale (test_pipeline_compile.py, test_katib_trial_spec.py,
 test_pytorchjob_builder.py), so after changing a component, the pipeline, the builder, the trainer's defaults or
@@ -18,13 +18,14 @@ from typing import Any
 
 import yaml
 
-COMPILED_DIR = Path(__file__).parent / "compiled"
+COMPILED_DIR = Path(__file__).parent / "kfp_pipeline" / "compiled"
 # file name -> "module:function" of a @dsl.pipeline; one line per pipeline we ship.
-PIPELINES = {"arrcoc_train.yaml": "pipelines.pipeline:arrcoc_train"}
-EXAMPLES_DIR = Path(__file__).parent / "examples"
+PIPELINES = {"arrcoc_train.yaml": "pipelines.kfp_pipeline.pipeline:arrcoc_train"}
+EXAMPLES_DIR = Path(__file__).parent / "jobs" / "examples"
 # file name -> `arrcoc pytorchjob render` arguments (without -o).
 EXAMPLES = {
-    "pytorchjob-tiny.yaml": ["--name", "arrcoc-tiny", "--workers", "1", "--image", "ghcr.io/arrcoc/arrcoc-trainer:0.1.0",
+    "pytorchjob-tiny.yaml": ["--name", "arrcoc-tiny", "--workers", "1",
+                             "--image", "ghcr.io/arrcoc/arrcoc-trainer:0.1.0",
                              "--", "--steps", "20", "--batch-size", "8", "--eval-every", "10", "--eval-size", "32",
                              "--checkpoint-every", "5", "--seed", "0"],
 }
@@ -67,14 +68,15 @@ def documents(text: str) -> list[dict[str, Any]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default=str(COMPILED_DIR),
-                        help="where to write the pipelines (default: pipelines/compiled, the files kept in git)")
+                        help="where to write the pipelines "
+                             "(default: pipelines/kfp_pipeline/compiled, the files kept in git)")
     parser.add_argument("--pipelines-only", action="store_true",
                         help="only compile the pipelines (leave the trial template and the examples alone)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines import katib_trial_spec
     from pipelines.cli import main
+    from pipelines.sweeps import trial_spec
     from trainer.files import write_text_atomic
 
     out = Path(args.out_dir)
@@ -83,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"compiled {ref} -> {path}")
     if args.pipelines_only:
         return 0
-    experiment = katib_trial_spec.EXPERIMENT
-    write_text_atomic(experiment, katib_trial_spec.generate(experiment.read_text()))
+    experiment = trial_spec.EXPERIMENT
+    write_text_atomic(experiment, trial_spec.generate(experiment.read_text()))
     print(f"generated the trial template -> {experiment}")
     for name, argv in EXAMPLES.items():
         path = EXAMPLES_DIR / name

@@ -17,7 +17,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.parser import BytesParser
 from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -61,13 +61,13 @@ class KfpStub:
         self.recurring_runs: dict[str, dict] = {}
         self._ids = itertools.count(1)
         # a clock that only moves when something is created, so "latest" is deterministic
-        self._clock = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        self._clock = datetime(2026, 1, 1, tzinfo=UTC)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     # ---- lifecycle
-    def __enter__(self) -> "KfpStub":
+    def __enter__(self) -> KfpStub:
         handler = type("Handler", (_Handler,), {"stub": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         # a short poll keeps shutdown() quick; the default half second would add up over many tests

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.cron import CronError, validate_cron
+from pipelines.ops.cron import CronError, validate_cron
 
 VALID = [
     ("0 0 2 * * *", "0 0 2 * * *"),  # nightly at 02:00

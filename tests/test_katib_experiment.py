@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.katib_experiment import (
+from pipelines.sweeps.experiment import (
     ExperimentError,
     load_manifest,
     metric_value,
@@ -87,7 +87,7 @@ def test_trial_pods_meet_the_platform_rules() -> None:
     exp = read_experiment(BASE)
     specs = exp.trial_spec["spec"]["pytorchReplicaSpecs"]
     assert set(specs) <= {"Master", "Worker"} and specs["Master"]["replicas"] == 1
-    for replica, rs in specs.items():
+    for rs in specs.values():
         assert rs["restartPolicy"] == "ExitCode"
         template = rs["template"]
         assert template["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
@@ -127,7 +127,8 @@ def test_team_overlay_renders_a_valid_experiment_in_its_namespace(team: str) -> 
         assert pod["priorityClassName"] == "arrcoc-sweep" != values["priorityClassName"]
         (container,) = pod["containers"]
         for kind in ("requests", "limits"):
-            assert container["resources"][kind] == {"cpu": values["cpuPerReplica"], "memory": values["memoryPerReplica"],
+            assert container["resources"][kind] == {"cpu": values["cpuPerReplica"],
+                                                    "memory": values["memoryPerReplica"],
                                                     "nvidia.com/gpu": values["gpusPerReplica"]}, replica
 
 
@@ -152,7 +153,8 @@ CASES = [
      "acq_func='UCB' is not supported; allowed: gp_hedge, LCB, EI, PI, EIps, PIps"),
     ("bad estimator", lambda d: d["spec"]["algorithm"].update(algorithmSettings=_settings(base_estimator="SVM")),
      "allowed: GP, RF, ET, GBRT"),
-    ("negative n_initial_points", lambda d: d["spec"]["algorithm"].update(algorithmSettings=_settings(n_initial_points="-1")),
+    ("negative n_initial_points",
+     lambda d: d["spec"]["algorithm"].update(algorithmSettings=_settings(n_initial_points="-1")),
      "n_initial_points='-1' must be an integer >= 0"),
     ("random with a skopt setting", lambda d: d["spec"]["algorithm"].update(
         algorithmName="random", algorithmSettings=_settings(acq_func="EI")), "allowed: random_state"),
@@ -168,14 +170,16 @@ CASES = [
     ("bad resume policy", lambda d: d["spec"].update(resumePolicy="Always"),
      "resumePolicy='Always'; allowed: Never, LongRunning, FromVolume"),
     ("duplicated reference", lambda d: d["spec"]["trialTemplate"]["trialParameters"].append(
-        {"name": "lr", "reference": "compress_vs_particularize"}), "reference 'compress_vs_particularize' is duplicated"),
+        {"name": "lr", "reference": "compress_vs_particularize"}),
+     "reference 'compress_vs_particularize' is duplicated"),
     ("unused trial parameter", lambda d: d["spec"]["trialTemplate"]["trialParameters"].append(
         {"name": "kind", "reference": "${trialSpec.Kind}"}), "name 'kind' is not used in spec.trialTemplate.trialSpec"),
     ("placeholder without parameter", lambda d: d["spec"]["trialTemplate"]["trialParameters"].pop(),
      "${trialParameters.trialName} which spec.trialTemplate.trialParameters does not define"),
     ("reference to nothing", lambda d: d["spec"]["trialTemplate"]["trialParameters"][0].update(reference="c"),
      "reference='c' is neither a spec.parameters name"),
-    ("name in trial spec", lambda d: d["spec"]["trialTemplate"]["trialSpec"].setdefault("metadata", {}).update(name="x"),
+    ("name in trial spec",
+     lambda d: d["spec"]["trialTemplate"]["trialSpec"].setdefault("metadata", {}).update(name="x"),
      "metadata.name and metadata.namespace must be omitted"),
     ("bad experiment name", lambda d: d["metadata"].update(name="Arrcoc_Tensions"), "metadata.name='Arrcoc_Tensions'"),
     ("no success condition", lambda d: d["spec"]["trialTemplate"].pop("successCondition"),

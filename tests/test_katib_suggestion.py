@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.katib_experiment import SETTINGS, Parameter, setting_problem, skopt_double_problem, space_problem
-from pipelines.katib_suggestion import (
+from pipelines.sweeps.experiment import SETTINGS, Parameter, setting_problem, skopt_double_problem, space_problem
+from pipelines.sweeps.suggestion import (
     OptunaService,
     SkoptService,
     make_service,
@@ -35,7 +35,8 @@ def test_skopt_space_is_katibs_whatever_the_distribution() -> None:
     assert (type(dims["lr"]).__name__, dims["lr"].prior, dims["lr"].bounds) == ("Real", "log-uniform", (0.001, 0.1))
     assert dims["stepped"].prior == "log-uniform"
     # Every int: a uniform Integer, logUniform ignored.
-    assert (type(dims["width"]).__name__, dims["width"].prior, dims["width"].bounds) == ("Integer", "uniform", (16, 256))
+    width = dims["width"]
+    assert (type(width).__name__, width.prior, width.bounds) == ("Integer", "uniform", (16, 256))
     assert type(dims["act"]).__name__ == "Categorical" and list(dims["heads"].categories) == ["2", "4"]
 
 

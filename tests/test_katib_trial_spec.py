@@ -8,26 +8,26 @@ from pathlib import Path
 import yaml
 
 from pipelines import compile as compile_module
-from pipelines import katib_trial_spec
 from pipelines.cli import main
-from pipelines.katib_experiment import read_experiment, render_trial
-from pipelines.pytorchjob import build_pytorchjob, to_manifest
-from pipelines.team_config import TeamConfig
+from pipelines.jobs.pytorchjob import build_pytorchjob, to_manifest
+from pipelines.jobs.team_config import TeamConfig
+from pipelines.sweeps import trial_spec
+from pipelines.sweeps.experiment import read_experiment, render_trial
 from trainer.config import TrainConfig
 
-EXPERIMENT = katib_trial_spec.EXPERIMENT
+EXPERIMENT = trial_spec.EXPERIMENT
 
 
 def test_checked_in_trial_template_is_current() -> None:
     text = EXPERIMENT.read_text()
-    assert katib_trial_spec.generate(text) == text, \
+    assert trial_spec.generate(text) == text, \
         "katib/base/experiment.yaml's trialSpec is stale: run `arrcoc compile` and commit the diff"
 
 
 def test_trial_is_the_builders_job_with_katib_placeholders() -> None:
     exp = read_experiment(EXPERIMENT)
     job = render_trial(exp, "arrcoc-tensions-001", {p.name: "37" for p in exp.parameters}, namespace="team-vision")
-    team = TeamConfig.from_file(katib_trial_spec.BASE_TEAM_CONFIG)
+    team = TeamConfig.from_file(trial_spec.BASE_TEAM_CONFIG)
     built = to_manifest(build_pytorchjob("arrcoc-tensions-001", team=team, workers=1,
                                          trainer_args=["--steps", "300"]))
     for replica in ("Master", "Worker"):
@@ -54,29 +54,29 @@ def test_trial_is_the_builders_job_with_katib_placeholders() -> None:
 
 def test_a_changed_default_makes_the_file_stale(monkeypatch) -> None:
     text = EXPERIMENT.read_text()
-    monkeypatch.setattr(katib_trial_spec, "TRIAL_FLAGS", (*katib_trial_spec.TRIAL_FLAGS, "warmup_steps"))
-    assert katib_trial_spec.generate(text) != text
+    monkeypatch.setattr(trial_spec, "TRIAL_FLAGS", (*trial_spec.TRIAL_FLAGS, "warmup_steps"))
+    assert trial_spec.generate(text) != text
 
 
 def test_compile_regenerates_every_generated_file(tmp_path: Path, monkeypatch, capsys) -> None:
     experiment = tmp_path / "experiment.yaml"
-    head, _ = katib_trial_spec.split(EXPERIMENT.read_text())
+    head, _ = trial_spec.split(EXPERIMENT.read_text())
     experiment.write_text(head + "    trialSpec: {}\n")
-    monkeypatch.setattr(katib_trial_spec, "EXPERIMENT", experiment)
+    monkeypatch.setattr(trial_spec, "EXPERIMENT", experiment)
     monkeypatch.setattr(compile_module, "EXAMPLES_DIR", tmp_path / "examples")
     assert main(["compile", "--out-dir", str(tmp_path / "compiled")]) == 0
     assert experiment.read_text() == EXPERIMENT.read_text()
     for name in compile_module.EXAMPLES:
         assert (tmp_path / "examples" / name).read_text() == (compile_module.Path(compile_module.__file__).parent
-                                                              / "examples" / name).read_text()
+                                                              / "jobs" / "examples" / name).read_text()
     assert not [p for p in tmp_path.rglob(".*")], "temporary files left behind"
 
 
 def test_missing_marker_is_one_line_error(tmp_path: Path) -> None:
     doc = yaml.safe_load(EXPERIMENT.read_text())
     try:
-        katib_trial_spec.generate(json.dumps(doc))
-    except katib_trial_spec.TrialSpecError as exc:
+        trial_spec.generate(json.dumps(doc))
+    except trial_spec.TrialSpecError as exc:
         assert "is missing" in str(exc) and "\n" not in str(exc) and exc.exit_code == 2
     else:
         raise AssertionError("expected TrialSpecError")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.team_config import TeamConfig
+from pipelines.jobs.team_config import TeamConfig
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = REPO / "kustomize" / "components"
@@ -38,10 +38,12 @@ def test_teams_differ_in_capacity_gpu_and_quota(overlays) -> None:
     # written once: the GKE selectors follow from capacity and gpuType when team-config is read
     assert TeamConfig.from_configmap(vision).pod_node_selector() == {
         "cloud.google.com/gke-accelerator": "nvidia-l4", "cloud.google.com/gke-spot": "true"}
-    assert TeamConfig.from_configmap(research).pod_node_selector() == {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}
+    assert TeamConfig.from_configmap(research).pod_node_selector() == {
+        "cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}
     assert json.loads(vision["nodeSelector"]) == json.loads(research["nodeSelector"]) == {}
     quotas = {t: next(d for d in docs if d["kind"] == "ResourceQuota")["spec"]["hard"] for t, docs in overlays.items()}
-    assert int(quotas["team-vision"]["requests.nvidia.com/gpu"]) < int(quotas["team-research"]["requests.nvidia.com/gpu"])
+    gpus = "requests.nvidia.com/gpu"
+    assert int(quotas["team-vision"][gpus]) < int(quotas["team-research"][gpus])
     for team, docs in overlays.items():
         assert _team_config(docs)["team"] == team
         assert all(isinstance(v, str) for v in _team_config(docs).values())
@@ -101,7 +103,8 @@ def test_component_schedules_jobs_without_team_config(tmp_path: Path, capacity: 
         pod = replica["template"]["spec"]
         assert pod["tolerations"] == expected["tolerations"]
         assert pod.get("affinity") == expected.get("affinity")
-    assert jobs["both"]["Master"]["template"]["spec"]["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert jobs["both"]["Master"]["template"]["spec"]["nodeSelector"] == {
+        "cloud.google.com/gke-accelerator": "nvidia-l4"}
 
 
 def test_yamllint_passes_on_all_yaml_we_own() -> None:

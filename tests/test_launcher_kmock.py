@@ -23,9 +23,16 @@ from kmock import KubernetesError
 from kubernetes import client as k8s
 
 from pipelines.jobs.backends import BackendError, ClusterOptions, JobFailed
-from pipelines.launcher import SPEC_ANNOTATION, Backoff, ClusterBackend, is_transient, pod_namespace, training_client
-from pipelines.pytorchjob import build_pytorchjob, to_manifest
-from pipelines.team_config import TeamConfig
+from pipelines.jobs.cluster import (
+    SPEC_ANNOTATION,
+    Backoff,
+    ClusterBackend,
+    is_transient,
+    pod_namespace,
+    training_client,
+)
+from pipelines.jobs.pytorchjob import build_pytorchjob, to_manifest
+from pipelines.jobs.team_config import TeamConfig
 
 NS = "team-a"
 NAME = "tiny"
@@ -235,7 +242,7 @@ async def test_a_transient_create_error_is_retried(kmock: kmock.RawHandler, tmp_
 
 def _existing(server: kmock.RawHandler, manifest: dict, *conditions: dict, same_spec: bool = True) -> None:
     """A job left by an earlier attempt of the step, as the API server would hold it."""
-    from pipelines.launcher import spec_digest
+    from pipelines.jobs.cluster import spec_digest
 
     old = to_manifest(build_pytorchjob(NAME, team=TeamConfig.local_default(), namespace=NS, workers=1))
     old["metadata"]["annotations"] = {SPEC_ANNOTATION: spec_digest(manifest) if same_spec else "other"}
@@ -300,7 +307,7 @@ async def test_sigterm_to_the_step_process_deletes_the_job(kmock: kmock.RawHandl
         import json, sys
         from kubernetes import client as k8s
         from pipelines.jobs.backends import ClusterOptions, JobFailed
-        from pipelines.launcher import ClusterBackend, training_client
+        from pipelines.jobs.cluster import ClusterBackend, training_client
         config = k8s.Configuration()
         config.host = {str(kmock.url).rstrip('/')!r}
         client = training_client(client_configuration=config, namespace={NS!r})

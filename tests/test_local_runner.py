@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from pipelines import cli
-from pipelines.local_runner import Chaos, LocalJobResult, exit_code, retryable, run_local
-from pipelines.pytorchjob import ManifestError, build_pytorchjob, to_manifest
-from pipelines.team_config import TeamConfig
+from pipelines.jobs.local import Chaos, LocalJobResult, exit_code, retryable, run_local
+from pipelines.jobs.pytorchjob import ManifestError, build_pytorchjob, to_manifest
+from pipelines.jobs.team_config import TeamConfig
 
 REPO = Path(__file__).resolve().parents[1]
 GUARD = 120  # seconds: a hung test fails instead of blocking the suite; no test waits this long when passing
@@ -265,11 +265,11 @@ def test_cli_run_local_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_the_example_runs_as_a_two_replica_job_of_the_real_trainer(tmp_path: Path) -> None:
-    """pipelines/examples/pytorchjob-tiny.yaml with fewer steps: gloo DDP across two processes, metrics on the
+    """pipelines/jobs/examples/pytorchjob-tiny.yaml with fewer steps: gloo DDP across two processes, metrics on the
     master's stdout, adapter and checkpoints on the checkpoint volume."""
     if not (REPO / "trainer" / "train.py").exists():
         pytest.skip("the trainer has not landed")
-    m = yaml.safe_load((REPO / "pipelines" / "examples" / "pytorchjob-tiny.yaml").read_text())
+    m = yaml.safe_load((REPO / "pipelines" / "jobs" / "examples" / "pytorchjob-tiny.yaml").read_text())
     short = ["--steps", "2", "--batch-size", "4", "--eval-every", "2", "--eval-size", "8", "--checkpoint-every", "1"]
     for rspec in m["spec"]["pytorchReplicaSpecs"].values():
         c = rspec["template"]["spec"]["containers"][0]

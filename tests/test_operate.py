@@ -8,17 +8,17 @@ the Authorization header. The pipelines uploaded are tiny ones compiled here wit
 # No `from __future__ import annotations` here: kfp.dsl reads the component's annotations as types.
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
 from kfp import compiler, dsl, kubernetes
 from kfp.client import client as kfp_client_module
 
-from tests.kfp_stub import KfpStub
-from pipelines import operate
 from pipelines.cli import main
+from pipelines.ops import kfp_operations
+from tests.kfp_stub import KfpStub
 
 TOKEN = "team-a-token"
 NS = "team-a"
@@ -62,7 +62,7 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pipelines_dir: Pa
     # kfp.Client reads a namespace from ~/.config/kfp/context.json; this machine's must not leak in
     monkeypatch.setattr(kfp_client_module.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "kfp-context.json"))
     # schedules that name no pipeline follow "the compiled pipeline": here, the tiny one
-    monkeypatch.setattr(operate, "COMPILED", pipelines_dir / "tiny.yaml")
+    monkeypatch.setattr(kfp_operations, "COMPILED", pipelines_dir / "tiny.yaml")
 
 
 @pytest.fixture
@@ -342,7 +342,7 @@ def test_a_changed_schedule_replaces_the_old_recurring_run(
 def test_a_new_pipeline_version_moves_schedules_that_follow_the_latest(
         stub: KfpStub, kfp_cli: Cli, pipelines_dir: Path) -> None:
     _uploaded(kfp_cli, pipelines_dir / "tiny.yaml", "v1")
-    argv = ["schedule", "--from", str(Path(operate.SCHEDULES))]
+    argv = ["schedule", "--from", str(Path(kfp_operations.SCHEDULES))]
     _ok(kfp_cli(*argv))
     _ok(kfp_cli("upload", str(pipelines_dir / "tiny-changed.yaml"), "--version", "v2"))
     out = _ok(kfp_cli(*argv))
@@ -428,17 +428,17 @@ def test_a_schedule_whose_parameters_do_not_fit_creates_nothing(stub: KfpStub, k
 
 
 def test_the_shipped_schedules_pass_a_dry_run(arrcoc: Cli) -> None:
-    """Every file in pipelines/schedules/ parses, has a valid cron, and fits the compiled pipeline's parameters."""
-    out = _ok(arrcoc("schedule", "--from", str(operate.SCHEDULES), "--dry-run"))
+    """Every file in pipelines/ops/schedules/ parses, has a valid cron, and fits the compiled pipeline's parameters."""
+    out = _ok(arrcoc("schedule", "--from", str(kfp_operations.SCHEDULES), "--dry-run"))
     assert 'nightly-train: cron "0 0 2 * * *" -> tiny-train@latest' in out
 
 
 def test_the_shipped_schedules_fit_the_real_compiled_pipeline(monkeypatch: pytest.MonkeyPatch, arrcoc: Cli) -> None:
-    real = Path(operate.__file__).parent / "compiled" / "arrcoc_train.yaml"
+    real = Path(kfp_operations.__file__).parents[1] / "kfp_pipeline" / "compiled" / "arrcoc_train.yaml"
     if not real.is_file():
         pytest.skip(f"{real} is not compiled yet (make compile)")
-    monkeypatch.setattr(operate, "COMPILED", real)
-    _ok(arrcoc("schedule", "--from", str(operate.SCHEDULES), "--dry-run"))
+    monkeypatch.setattr(kfp_operations, "COMPILED", real)
+    _ok(arrcoc("schedule", "--from", str(kfp_operations.SCHEDULES), "--dry-run"))
 
 
 # ------------------------------------------------------------------ unschedule and list
@@ -462,7 +462,7 @@ def test_unschedule_disables_and_delete_deletes(stub: KfpStub, kfp_cli: Cli, tin
 
 def test_reapplying_the_files_re_enables_a_disabled_schedule(stub: KfpStub, kfp_cli: Cli, tiny: Path) -> None:
     _uploaded(kfp_cli, tiny)
-    argv = ["schedule", "--from", str(operate.SCHEDULES)]
+    argv = ["schedule", "--from", str(kfp_operations.SCHEDULES)]
     _ok(kfp_cli(*argv))
     _ok(kfp_cli("unschedule", "nightly-train"))
     out = _ok(kfp_cli(*argv))

@@ -6,8 +6,8 @@ import yaml
 
 from pipelines.cli import main
 from pipelines.compile import COMPILED_DIR, PIPELINES, compile_to, documents
-from pipelines.components import BASE_IMAGE
-from pipelines.team_config import ENV_NAMES, SPOT_LABEL
+from pipelines.jobs.team_config import ENV_NAMES, SPOT_LABEL
+from pipelines.kfp_pipeline.components import BASE_IMAGE
 
 CHECKED_IN = COMPILED_DIR / "arrcoc_train.yaml"
 
@@ -19,9 +19,9 @@ def fresh(tmp_path_factory) -> list[dict]:
 
 
 def test_checked_in_pipeline_is_current(fresh):
-    assert CHECKED_IN.is_file(), "pipelines/compiled/arrcoc_train.yaml is missing: run `arrcoc compile`"
+    assert CHECKED_IN.is_file(), "pipelines/kfp_pipeline/compiled/arrcoc_train.yaml is missing: run `arrcoc compile`"
     assert documents(CHECKED_IN.read_text()) == fresh, \
-        "pipelines/compiled/arrcoc_train.yaml is stale: run `arrcoc compile` and commit the diff"
+        "pipelines/kfp_pipeline/compiled/arrcoc_train.yaml is stale: run `arrcoc compile` and commit the diff"
 
 
 def test_compile_command_writes_every_pipeline(tmp_path, capsys):

@@ -9,12 +9,12 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines.components.datasets import PrepareError, prepare, read_folder
-from pipelines.components.model_store import register_model
-from pipelines.components.training import job_name_for, run_training, trainer_args
 from pipelines.jobs.backends import JobFailed
-from pipelines.report import Row, html_report, markdown_summary
-from pipelines.team_config import ENV_NAMES, TeamConfig
+from pipelines.jobs.team_config import ENV_NAMES, TeamConfig
+from pipelines.kfp_pipeline.report import Row, html_report, markdown_summary
+from pipelines.kfp_pipeline.steps.prepare_data import PrepareError, prepare, read_folder
+from pipelines.kfp_pipeline.steps.register import register_model
+from pipelines.kfp_pipeline.steps.train import job_name_for, run_training, trainer_args
 from trainer.data import DATASET_KEYS, EVAL_OFFSET, generate, load_dataset
 from trainer.errors import UserError
 
@@ -185,12 +185,12 @@ def test_train_step_inputs_are_checked(tmp_path, kwargs, message):
 
 def test_cluster_branch_stages_data_launches_one_job_and_collects_the_adapter(monkeypatch, tmp_path):
     """The cluster path with the API calls faked: what the backend is handed, and what the step makes of it."""
-    import pipelines.launcher
-    import pipelines.pytorchjob
+    import pipelines.jobs.cluster
+    import pipelines.jobs.pytorchjob
     from pipelines.jobs.backends import JobResult
 
     mount = tmp_path / "checkpoints"  # stands in for the PVC mounted at /checkpoints in the step's pod
-    monkeypatch.setattr(pipelines.pytorchjob, "CHECKPOINT_MOUNT", str(mount))
+    monkeypatch.setattr(pipelines.jobs.pytorchjob, "CHECKPOINT_MOUNT", str(mount))
     _cluster_env(monkeypatch)
     prepare("synthetic", 0, 4, 2, tmp_path / "t", tmp_path / "e")
     seen = {}
@@ -206,7 +206,7 @@ def test_cluster_branch_stages_data_launches_one_job_and_collects_the_adapter(mo
         return JobResult(name=job["metadata"]["name"], namespace="team", succeeded=True, conditions=[],
                          master_log=workdir / "logs" / "master-0.log")
 
-    monkeypatch.setattr(pipelines.launcher.ClusterBackend, "run", fake_run)
+    monkeypatch.setattr(pipelines.jobs.cluster.ClusterBackend, "run", fake_run)
     metrics = run_training(backend="cluster", run_id="run-7", train_dir=str(tmp_path / "t"),
                            eval_dir=str(tmp_path / "e"), adapter_dir=str(tmp_path / "adapter"),
                            job_dir=str(tmp_path / "job"), params={"steps": 3}, workers=2,

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipelines.cli import main
-from pipelines.demo import DemoInputError, run_demo
+from pipelines.kfp_pipeline.demo import DemoInputError, run_demo
 
 TINY = {"steps": 3, "batch_size": 4, "train_size": 16, "eval_size": 8, "report_samples": 2}
 
@@ -78,8 +78,8 @@ def test_image_folder_pictures_are_drawn_under_every_colour_query(passed, tmp_pa
     import cv2
     import numpy as np
 
-    from pipelines.components.datasets import prepare
-    from pipelines.components.scoring import evaluate_adapter
+    from pipelines.kfp_pipeline.steps.evaluate import evaluate_adapter
+    from pipelines.kfp_pipeline.steps.prepare_data import prepare
     from trainer.data import COLOURS
 
     _, result = passed

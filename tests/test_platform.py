@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.validate import COMPILED, REPO, crd_dir, validate
 from pipelines.validation import controller_pods, reachability
 from pipelines.validation.findings import Doc
 from pipelines.validation.netpol import Endpoint, connection
 from pipelines.validation.podsecurity import check_restricted
+from pipelines.validation.run import COMPILED, REPO, crd_dir, validate
 from pipelines.validation.schemas import SchemaSet
 
 UPSTREAM = REPO.parent / "shared" / "upstream"

@@ -8,9 +8,9 @@ import signal
 
 import pytest
 
-from pipelines.local_runner import Chaos, run_local
-from pipelines.pytorchjob import build_pytorchjob, to_manifest
-from pipelines.team_config import TeamConfig
+from pipelines.jobs.local import Chaos, run_local
+from pipelines.jobs.pytorchjob import build_pytorchjob, to_manifest
+from pipelines.jobs.team_config import TeamConfig
 
 ARGS = ["--steps", "16", "--batch-size", "8", "--eval-every", "8", "--eval-size", "32", "--checkpoint-every", "4",
         "--log-every", "1", "--seed", "3"]

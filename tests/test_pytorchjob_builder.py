@@ -8,21 +8,30 @@ import pytest
 import yaml
 
 from pipelines import cli
-from pipelines.pytorchjob import (KATIB_TRIAL_NAME, ManifestError, build_pytorchjob, check_manifest, from_manifest,
-                                  to_manifest, to_yaml)
-from pipelines.team_config import TeamConfig
+from pipelines.jobs.pytorchjob import (
+    KATIB_TRIAL_NAME,
+    ManifestError,
+    build_pytorchjob,
+    check_manifest,
+    from_manifest,
+    to_manifest,
+    to_yaml,
+)
+from pipelines.jobs.team_config import TeamConfig
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "pipelines" / "examples" / "pytorchjob-tiny.yaml"
+EXAMPLE = REPO / "pipelines" / "jobs" / "examples" / "pytorchjob-tiny.yaml"
 # The command that wrote EXAMPLE (docs/pytorchjob.md says how to regenerate it).
-EXAMPLE_ARGV = ["pytorchjob", "render", "--name", "arrcoc-tiny", "--workers", "1", "--image", "ghcr.io/arrcoc/arrcoc-trainer:0.1.0",
+EXAMPLE_ARGV = ["pytorchjob", "render", "--name", "arrcoc-tiny", "--workers", "1",
+                "--image", "ghcr.io/arrcoc/arrcoc-trainer:0.1.0",
                 "--", "--steps", "20", "--batch-size", "8", "--eval-every", "10", "--eval-size", "32",
                 "--checkpoint-every", "5", "--seed", "0"]
 
 TEAM_DATA = {
     "team": "team-vision", "capacity": "spot", "gpuType": "nvidia-l4", "gpusPerReplica": "2", "cpuPerReplica": "8",
     "memoryPerReplica": "32Gi", "nodeSelector": "{}",
-    "tolerations": '[{"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}]',
+    "tolerations": '[{"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", '
+                   '"effect": "NoSchedule"}]',
     "kueueQueue": "team-vision", "checkpointBucket": "", "checkpointPVC": "checkpoints", "backoffLimit": "6",
     "priorityClassName": "arrcoc-training",
 }
@@ -65,7 +74,8 @@ def test_resources_scheduling_and_labels_come_from_the_team() -> None:
     assert c["resources"] == {"requests": expected, "limits": expected}
     assert spec["tolerations"] == [{"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
                                     "effect": "NoSchedule"}]
-    assert spec["nodeSelector"] == {"cloud.google.com/gke-spot": "true", "cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert spec["nodeSelector"] == {"cloud.google.com/gke-spot": "true",
+                                    "cloud.google.com/gke-accelerator": "nvidia-l4"}
     assert spec["priorityClassName"] == "arrcoc-training"
     assert m["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-vision"
     assert m["metadata"]["labels"]["experiment"] == "e1" and pod(m)["metadata"]["labels"]["experiment"] == "e1"
@@ -79,7 +89,8 @@ def test_bucket_checkpoints_mount_through_gcs_fuse() -> None:
     assert volume["csi"]["driver"] == "gcsfuse.csi.storage.gke.io"
     assert volume["csi"]["volumeAttributes"]["bucketName"] == "vision-ckpt"
     assert pod(m)["metadata"]["annotations"]["gke-gcsfuse/volumes"] == "true"
-    assert "gke-gcsfuse/volumes" not in pod(to_manifest(build_pytorchjob("train-a", team=PVC_TEAM)))["metadata"]["annotations"]
+    pvc_pod = pod(to_manifest(build_pytorchjob("train-a", team=PVC_TEAM)))
+    assert "gke-gcsfuse/volumes" not in pvc_pod["metadata"]["annotations"]
 
 
 def test_local_team_uses_an_empty_dir_and_no_gpu() -> None:
@@ -152,7 +163,8 @@ def test_bad_inputs_raise_one_line(kwargs: dict, fragment: str) -> None:
 def test_pinned_images_are_accepted() -> None:
     digest = "trainer@sha256:" + "0" * 64
     assert container(to_manifest(build_pytorchjob("a", team=PVC_TEAM, image=digest)))["image"] == digest
-    assert container(to_manifest(build_pytorchjob("a", team=PVC_TEAM, image="reg:5000/trainer:1")))["image"] == "reg:5000/trainer:1"
+    registry_image = "reg:5000/trainer:1"
+    assert container(to_manifest(build_pytorchjob("a", team=PVC_TEAM, image=registry_image)))["image"] == registry_image
 
 
 def test_manifest_round_trips_through_the_training_client_model() -> None:
@@ -163,7 +175,7 @@ def test_manifest_round_trips_through_the_training_client_model() -> None:
 
 @pytest.fixture(scope="module")
 def schemas():
-    from pipelines.validate import crd_dir
+    from pipelines.validation.run import crd_dir
     from pipelines.validation.schemas import CrdDirError, SchemaSet
 
     try:
@@ -175,8 +187,8 @@ def schemas():
 @pytest.mark.parametrize("team", [LOCAL_TEAM, PVC_TEAM, BUCKET_TEAM], ids=["local", "pvc", "bucket"])
 def test_rendered_jobs_pass_arrcoc_validate(team: TeamConfig, schemas) -> None:
     """The upstream CRD schema (strict), restricted Pod Security and the webhook rules, as `arrcoc validate`."""
-    from pipelines.validate import check
     from pipelines.validation.findings import Doc
+    from pipelines.validation.run import check
 
     manifest = to_manifest(build_pytorchjob("train-a", team=team, workers=2, active_deadline_seconds=3600))
     assert [str(f) for f in check([Doc("rendered", manifest)], schemas)] == []
@@ -220,8 +232,8 @@ def test_check_manifest_enforces_the_webhook_rules(path: list, value: object, fr
 ])
 def test_the_builder_check_manifest_and_arrcoc_validate_agree(path: list, value: object, schemas) -> None:
     """One rule table (pipelines/jobs/rules.py): what the runtime refuses, `arrcoc validate` reports, at its path."""
-    from pipelines.validate import check
     from pipelines.validation.findings import Doc
+    from pipelines.validation.run import check
 
     manifest = to_manifest(build_pytorchjob("train-a", team=LOCAL_TEAM, workers=1))
     target = manifest
@@ -240,7 +252,7 @@ def test_render_cli_matches_the_example_in_git(capsys: pytest.CaptureFixture[str
     assert cli.main(EXAMPLE_ARGV) == 0
     rendered = capsys.readouterr().out
     assert rendered == EXAMPLE.read_text(), (
-        "pipelines/examples/pytorchjob-tiny.yaml is stale: regenerate it with the command in docs/pytorchjob.md")
+        "pipelines/jobs/examples/pytorchjob-tiny.yaml is stale: regenerate it with the command in docs/pytorchjob.md")
 
 
 def test_render_cli_reads_a_team_config_file_and_writes_atomically(tmp_path: Path) -> None:

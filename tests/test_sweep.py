@@ -1,6 +1,6 @@
 """`arrcoc sweep`: the local Katib rehearsal and the cluster submission.
 
-Trials are real PyTorchJobs run by the local runner (pipelines/local_runner.py: Master and Worker processes),
+Trials are real PyTorchJobs run by the local runner (pipelines/jobs/local.py: Master and Worker processes),
 whose command is a fake trial (`python -c` printing metric lines computed from the tensions) instead of the
 trainer, so a sweep of several trials takes seconds. The cluster path talks to kmock, a fake Kubernetes API
 server, because no cluster exists here: it checks what the kubernetes client sends, not what Katib does next.
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import sweep
 from pipelines.cli import main
-from pipelines.katib_experiment import parse_experiment
+from pipelines.sweeps import search
+from pipelines.sweeps.experiment import parse_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "katib" / "base" / "experiment.yaml"
@@ -47,7 +47,7 @@ def trial_doc(script: str, **spec: object) -> dict:
         rs["template"]["spec"]["containers"][0].pop("args", None)
         rs["template"]["spec"]["containers"][0]["command"] = [
             # The base Experiment's encoding: an int 0..100 passed on as <int>e-2.
-            sys.executable, "-c", script, *("${trialParameters.%s}e-2" % refs[t] for t in TENSIONS),
+            sys.executable, "-c", script, *(f"${{trialParameters.{refs[t]}}}e-2" for t in TENSIONS),
             "--out", "/checkpoints/${trialParameters.trialName}", "--steps", "300",
         ]
     doc["spec"].update(spec)
@@ -78,7 +78,8 @@ def test_random_sweep_runs_the_budget_and_writes_results(tmp_path: Path, capsys)
     for r in table:
         c, e, f = (int(r[t]) / 100 for t in TENSIONS)
         # The max strategy picks the second, higher line the script printed, not the latest or the first.
-        assert float(r["relevance_score"]) == pytest.approx(1 - ((c - .2) ** 2 + (e - .7) ** 2 + (f - .5) ** 2), abs=1e-4)
+        assert float(r["relevance_score"]) == pytest.approx(1 - ((c - .2) ** 2 + (e - .7) ** 2 + (f - .5) ** 2),
+                                                            abs=1e-4)
         assert 0.0 <= c <= 1.0
     result = json.loads((workdir / "results.json").read_text())
     assert result["status"] == "Succeeded" and result["reason"] == "MaxTrialsReached"
@@ -99,7 +100,8 @@ def test_sweep_stops_when_the_goal_is_reached(tmp_path: Path) -> None:
     doc = trial_doc(SCORE, parallelTrialCount=1, maxTrialCount=6)
     doc["spec"]["objective"]["goal"] = -10.0  # any trial reaches it
     workdir = tmp_path / "out"
-    assert main(["sweep", str(write(tmp_path, doc)), "--local", "--algorithm", "random", "--workdir", str(workdir)]) == 0
+    assert main(["sweep", str(write(tmp_path, doc)), "--local", "--algorithm", "random",
+                 "--workdir", str(workdir)]) == 0
     result = json.loads((workdir / "results.json").read_text())
     assert result["reason"] == "GoalReached" and len(result["trials"]) == 1
 
@@ -108,7 +110,8 @@ def test_sweep_stops_when_the_goal_is_reached(tmp_path: Path) -> None:
 def test_failed_trials_count_against_max_failed(tmp_path: Path, capsys, script: str, status: str) -> None:
     doc = trial_doc(script, parallelTrialCount=1, maxTrialCount=6, maxFailedTrialCount=2)
     workdir = tmp_path / "out"
-    assert main(["sweep", str(write(tmp_path, doc)), "--local", "--algorithm", "random", "--workdir", str(workdir)]) == 1
+    assert main(["sweep", str(write(tmp_path, doc)), "--local", "--algorithm", "random",
+                 "--workdir", str(workdir)]) == 1
     result = json.loads((workdir / "results.json").read_text())
     assert result["status"] == "Failed" and result["reason"] == "MaxFailedTrialsReached"
     assert [t["status"] for t in result["trials"]] == [status, status]
@@ -140,11 +143,12 @@ def test_local_sweep_and_cluster_ask_for_the_same_first_trials() -> None:
     """Katib's service (configured from its source as the test writes it out) and ours agree on the first round."""
     import skopt
 
-    from pipelines.katib_suggestion import make_service
+    from pipelines.sweeps.suggestion import make_service
 
     exp = parse_experiment(yaml.safe_load(BASE.read_text()))
     ours = make_service(exp.algorithm, exp.parameters, exp.settings, True).get_suggestions([], exp.parallel)
-    settings = {s["name"]: s["value"] for s in yaml.safe_load(BASE.read_text())["spec"]["algorithm"]["algorithmSettings"]}
+    algorithm = yaml.safe_load(BASE.read_text())["spec"]["algorithm"]
+    settings = {s["name"]: s["value"] for s in algorithm["algorithmSettings"]}
     space = [skopt.space.Integer(int(p.min), int(p.max), name=p.name) for p in exp.parameters]
     katib = skopt.Optimizer(space, base_estimator=settings["base_estimator"],
                             n_initial_points=int(settings["n_initial_points"]), acq_func=settings["acq_func"],
@@ -154,7 +158,7 @@ def test_local_sweep_and_cluster_ask_for_the_same_first_trials() -> None:
 
 def test_failed_trials_are_not_told_and_skopt_repeats_its_proposal() -> None:
     """Katib tells skopt only succeeded trials: after the initial points, a failure gets the same point again."""
-    from pipelines.katib_suggestion import Observed, make_service
+    from pipelines.sweeps.suggestion import Observed, make_service
 
     exp = parse_experiment(yaml.safe_load(BASE.read_text()))
     service = make_service(exp.algorithm, exp.parameters, {**exp.settings, "n_initial_points": "2"}, True)
@@ -170,13 +174,14 @@ def test_same_random_state_gives_the_same_trials(tmp_path: Path) -> None:
     path = write(tmp_path, trial_doc(SCORE, parallelTrialCount=1))
     params = []
     for run in ("a", "b"):
-        main(["sweep", str(path), "--local", "--algorithm", "random", "--max-trials", "2", "--workdir", str(tmp_path / run)])
+        main(["sweep", str(path), "--local", "--algorithm", "random", "--max-trials", "2",
+              "--workdir", str(tmp_path / run)])
         params.append([[r[t] for t in TENSIONS] for r in rows(tmp_path / run)])
     assert params[0] == params[1]
 
 
 def test_set_overrides_trainer_flags_in_every_replica() -> None:
-    doc, _ = sweep.apply_overrides(yaml.safe_load(BASE.read_text()), sets=["steps=60", "eval-every=20", "lr=0.01"])
+    doc, _ = search.apply_overrides(yaml.safe_load(BASE.read_text()), sets=["steps=60", "eval-every=20", "lr=0.01"])
     for rs in doc["spec"]["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"].values():
         container = rs["template"]["spec"]["containers"][0]
         command = [*container["command"], *container["args"]]
@@ -186,7 +191,7 @@ def test_set_overrides_trainer_flags_in_every_replica() -> None:
 
 
 def test_algorithm_override_drops_settings_the_new_algorithm_rejects() -> None:
-    doc, notes = sweep.apply_overrides(yaml.safe_load(BASE.read_text()), algorithm="random", max_trials=2)
+    doc, notes = search.apply_overrides(yaml.safe_load(BASE.read_text()), algorithm="random", max_trials=2)
     exp = parse_experiment(doc)
     assert exp.algorithm == "random" and set(exp.settings) == {"random_state"}
     assert exp.max_trials == 2 and exp.parallel <= 2 and exp.max_failed <= 2
@@ -219,7 +224,8 @@ def test_bad_manifest_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
 def test_unknown_algorithm_on_the_command_line_is_exit_2(capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main(["sweep", str(BASE), "--local", "--algorithm", "grid"])
-    assert info.value.code == 2 and "choose from 'bayesianoptimization', 'tpe', 'multivariate-tpe', 'cmaes', 'random'" in capsys.readouterr().err
+    assert info.value.code == 2
+    assert "choose from 'bayesianoptimization', 'tpe', 'multivariate-tpe', 'cmaes', 'random'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ cluster (kmock)

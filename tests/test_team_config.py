@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.team_config import ENV_NAMES, KEYS, OPTIONAL_KEYS, TeamConfig, TeamConfigError
+from pipelines.jobs.team_config import ENV_NAMES, KEYS, OPTIONAL_KEYS, TeamConfig, TeamConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,8 @@ GOOD = {
     "cpuPerReplica": "4",
     "memoryPerReplica": "16Gi",
     "nodeSelector": '{"pool": "training"}',
-    "tolerations": '[{"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}]',
+    "tolerations": '[{"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", '
+                   '"effect": "NoSchedule"}]',
     "kueueQueue": "team-vision",
     "checkpointBucket": "",
     "checkpointPVC": "checkpoints",
@@ -39,7 +40,8 @@ def test_reads_every_key_typed() -> None:
     assert (cfg.cpu_per_replica, cfg.memory_per_replica, cfg.backoff_limit) == ("4", "16Gi", 6)
     assert cfg.node_selector == {"pool": "training"}
     assert cfg.tolerations[0]["key"] == "cloud.google.com/gke-spot"
-    assert (cfg.kueue_queue, cfg.checkpoint_pvc, cfg.priority_class_name) == ("team-vision", "checkpoints", "arrcoc-training")
+    assert (cfg.kueue_queue, cfg.checkpoint_pvc, cfg.priority_class_name) == (
+        "team-vision", "checkpoints", "arrcoc-training")
     # spot capacity and the GPU type become GKE node selectors next to the explicit ones
     assert cfg.pod_node_selector() == {"pool": "training", "cloud.google.com/gke-spot": "true",
                                        "cloud.google.com/gke-accelerator": "nvidia-l4"}

@@ -226,7 +226,7 @@ def test_the_gpu_benchmark_runs_its_cpu_path_and_says_so(tmp_path):
 
 
 def test_the_pipeline_report_draws_the_runs_loss_and_eval_curves(tmp_path):
-    from pipelines.report import html_report, load_curves
+    from pipelines.kfp_pipeline.report import html_report, load_curves
 
     out = tmp_path / "run"
     result = run_trainer("--steps", "10", *FAST, "--batch-size", "8", "--log-every", "5", "--eval-every", "5",

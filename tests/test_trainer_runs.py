@@ -119,7 +119,8 @@ def test_pretrained_base_model_loads_by_path(tmp_path):
     assert result.returncode == 0, result.stderr
     cfg = json.loads((out / "adapter" / "arrcoc_config.json").read_text())
     assert cfg["base_model"] == str(base)
-    assert set(evaluate("--adapter", str(out / "adapter"))) == {"relevance_score", "recall_at_k", "answer_accuracy", "eval_loss"}
+    assert set(evaluate("--adapter", str(out / "adapter"))) == {"relevance_score", "recall_at_k", "answer_accuracy",
+                                                               "eval_loss"}
 
 
 def test_progress_bar_only_on_a_terminal(tmp_path):

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
 
 from pipelines import cli
-from pipelines.validate import REPO, check, crd_dir, validate
 from pipelines.validation.findings import Doc
 from pipelines.validation.loading import Loaded, pin_problem, render
+from pipelines.validation.run import REPO, check, crd_dir, validate
 from pipelines.validation.schemas import SchemaSet, strict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "validate"
@@ -65,7 +65,8 @@ def _obj(docs: list[Doc], kind: str, name: str | None = None) -> dict:
 
 
 def _trial_pod(docs: list[Doc]) -> dict:
-    return _obj(docs, "Experiment")["spec"]["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    trial = _obj(docs, "Experiment")["spec"]["trialTemplate"]["trialSpec"]
+    return trial["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
 
 
 def _job_pod(docs: list[Doc], rtype: str = "Master") -> dict:
@@ -107,17 +108,23 @@ CASES = [
     ("typo'd CR field", _edit(lambda d: _obj(d, "Experiment")["spec"].update(paralelTrialCount=3)),
      "Experiment/team-vision/sweep", "spec", "paralelTrialCount"),
     ("typo'd trial template field", _edit(lambda d: _trial_pod(d).update(tolerationz=[])),
-     "Experiment/team-vision/sweep", "spec.trialTemplate.trialSpec.spec.pytorchReplicaSpecs.Master.template.spec", "tolerationz"),
+     "Experiment/team-vision/sweep", "spec.trialTemplate.trialSpec.spec.pytorchReplicaSpecs.Master.template.spec",
+     "tolerationz"),
     ("wrong Katib enum", _edit(lambda d: _obj(d, "Experiment")["spec"]["objective"].update(type="maximise")),
      "Experiment/team-vision/sweep", "spec.objective.type", "maximise"),
-    ("wrong restartPolicy", _edit(lambda d: _obj(d, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"].update(restartPolicy="Sometimes")),
+    ("wrong restartPolicy",
+     _edit(lambda d: _obj(d, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"].update(restartPolicy="Sometimes")),
      "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.restartPolicy", "Sometimes"),
     ("wrong cleanPodPolicy", _edit(lambda d: _obj(d, "PyTorchJob")["spec"]["runPolicy"].update(cleanPodPolicy="Some")),
      "PyTorchJob/team-vision/arrcoc-train-1", "spec.runPolicy.cleanPodPolicy", "All, Running, None"),
-    ("Master with 2 replicas", _edit(lambda d: _obj(d, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"].update(replicas=2)),
+    ("Master with 2 replicas",
+     _edit(lambda d: _obj(d, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"].update(replicas=2)),
      "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.replicas", "must be 1"),
-    ("Master with 2 replicas in a trial", _edit(lambda d: _obj(d, "Experiment")["spec"]["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"]["Master"].update(replicas=2)),
-     "Experiment/team-vision/sweep", "spec.trialTemplate.trialSpec.spec.pytorchReplicaSpecs.Master.replicas", "must be 1"),
+    ("Master with 2 replicas in a trial",
+     _edit(lambda d: _obj(d, "Experiment")["spec"]["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"][
+         "Master"].update(replicas=2)),
+     "Experiment/team-vision/sweep", "spec.trialTemplate.trialSpec.spec.pytorchReplicaSpecs.Master.replicas",
+     "must be 1"),
     ("unknown replica type", _edit(lambda d: _obj(d, "PyTorchJob")["spec"]["pytorchReplicaSpecs"].update(Chief={})),
      "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Chief", "Master, Worker"),
     ("no container named pytorch", _edit(lambda d: _job_pod(d)["containers"][0].update(name="train")),
@@ -125,25 +132,36 @@ CASES = [
     ("job name not DNS-1035", _edit(lambda d: _obj(d, "PyTorchJob")["metadata"].update(name="1st.job")),
      "PyTorchJob/team-vision/1st.job", "metadata.name", "DNS-1035"),
     ("privileged container", _edit(lambda d: _job_pod(d)["containers"][0]["securityContext"].update(privileged=True)),
-     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.template.spec.containers[0].securityContext.privileged", "restricted"),
-    ("privileged trial container", _edit(lambda d: _trial_pod(d)["containers"][0]["securityContext"].update(privileged=True)),
-     "Experiment/team-vision/sweep", "spec.trialTemplate.trialSpec.spec.pytorchReplicaSpecs.Master.template.spec.containers[0].securityContext.privileged", "restricted"),
+     "PyTorchJob/team-vision/arrcoc-train-1",
+     "spec.pytorchReplicaSpecs.Master.template.spec.containers[0].securityContext.privileged", "restricted"),
+    ("privileged trial container",
+     _edit(lambda d: _trial_pod(d)["containers"][0]["securityContext"].update(privileged=True)),
+     "Experiment/team-vision/sweep",
+     "spec.trialTemplate.trialSpec.spec.pytorchReplicaSpecs.Master.template.spec.containers[0].securityContext.privileged",
+     "restricted"),
     ("root trial pod", _edit(lambda d: _trial_pod(d)["securityContext"].update(runAsUser=0)),
-     "Experiment/team-vision/sweep", "spec.trialTemplate.trialSpec.spec.pytorchReplicaSpecs.Master.template.spec.securityContext.runAsUser", "must not be 0"),
+     "Experiment/team-vision/sweep",
+     "spec.trialTemplate.trialSpec.spec.pytorchReplicaSpecs.Master.template.spec.securityContext.runAsUser",
+     "must not be 0"),
     ("hostPath volume", _edit(lambda d: _job_pod(d)["volumes"].append({"name": "h", "hostPath": {"path": "/"}})),
-     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.template.spec.volumes[1].hostPath", "not allowed"),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.template.spec.volumes[1].hostPath",
+     "not allowed"),
     ("missing quota", _drop("ResourceQuota"),
      "Namespace//team-vision", "(namespace)", "no ResourceQuota"),
     ("missing network policy", _drop("NetworkPolicy"),
      "Namespace//team-vision", "(namespace)", "no NetworkPolicy"),
     (":latest image", _edit(lambda d: _job_pod(d)["containers"][0].update(image="ghcr.io/example/trainer:latest")),
-     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.template.spec.containers[0].image", ":latest"),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.template.spec.containers[0].image",
+     ":latest"),
     ("untagged trial image", _edit(lambda d: _trial_pod(d)["containers"][0].update(image="ghcr.io/example/trainer")),
-     "Experiment/team-vision/sweep", "spec.trialTemplate.trialSpec.spec.pytorchReplicaSpecs.Master.template.spec.containers[0].image", "no tag"),
+     "Experiment/team-vision/sweep",
+     "spec.trialTemplate.trialSpec.spec.pytorchReplicaSpecs.Master.template.spec.containers[0].image", "no tag"),
     ("missing limits", _edit(lambda d: _job_pod(d)["containers"][0]["resources"].pop("limits")),
-     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.template.spec.containers[0].resources.limits", "cpu and memory"),
+     "PyTorchJob/team-vision/arrcoc-train-1",
+     "spec.pytorchReplicaSpecs.Master.template.spec.containers[0].resources.limits", "cpu and memory"),
     ("missing toleration", _edit(_drop_worker_spot_toleration),
-     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Worker.template.spec.tolerations", "cloud.google.com/gke-spot"),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Worker.template.spec.tolerations",
+     "cloud.google.com/gke-spot"),
     ("wrong team-config capacity", _edit(lambda d: _team_config(d).update(capacity="preemptible")),
      "ConfigMap/team-vision/team-config", "data.capacity", "spot, on-demand"),
     ("team-config nodeSelector off gpuType",
@@ -161,7 +179,8 @@ CASES = [
     ("GCS FUSE replica without sidecar limits",
      _edit(lambda d: _obj(d, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"]["template"].setdefault(
          "metadata", {}).setdefault("annotations", {}).update({"gke-gcsfuse/volumes": "true"})),
-     "PyTorchJob/team-vision/arrcoc-train-1", 'spec.pytorchReplicaSpecs.Master.template.metadata.annotations["gke-gcsfuse/cpu-limit"]',
+     "PyTorchJob/team-vision/arrcoc-train-1",
+     'spec.pytorchReplicaSpecs.Master.template.metadata.annotations["gke-gcsfuse/cpu-limit"]',
      "limits.*"),
     ("GCS FUSE replica running as default",
      _edit(lambda d: _obj(d, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"]["template"].setdefault(
@@ -173,13 +192,17 @@ CASES = [
     ("job larger than the quota",
      _edit(lambda d: _obj(d, "ResourceQuota")["spec"]["hard"].update({"requests.cpu": "3"})),
      "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs", "requests.cpu"),
-    ("cluster-scoped Profile with a namespace", _edit(lambda d: _obj(d, "Profile")["metadata"].update(namespace="team-vision")),
+    ("cluster-scoped Profile with a namespace",
+     _edit(lambda d: _obj(d, "Profile")["metadata"].update(namespace="team-vision")),
      "Profile/team-vision/team-vision", "metadata.namespace", "cluster-scoped"),
-    ("Namespace owner differs from Profile", _edit(lambda d: _obj(d, "Namespace")["metadata"]["annotations"].update(owner="x@example.com")),
+    ("Namespace owner differs from Profile",
+     _edit(lambda d: _obj(d, "Namespace")["metadata"]["annotations"].update(owner="x@example.com")),
      "Namespace//team-vision", 'metadata.annotations.owner', "vision-lead@example.com"),
-    ("double from 0 under bayesianoptimization", _edit(lambda d: _obj(d, "Experiment")["spec"]["parameters"][0]["feasibleSpace"].update(min="0")),
+    ("double from 0 under bayesianoptimization",
+     _edit(lambda d: _obj(d, "Experiment")["spec"]["parameters"][0]["feasibleSpace"].update(min="0")),
      "Experiment/team-vision/sweep", "spec.parameters[0].feasibleSpace.min", "log-uniform"),
-    ("undeclared trial parameter", _edit(lambda d: _trial_pod(d)["containers"][0]["command"].append("${trialParameters.momentum}")),
+    ("undeclared trial parameter",
+     _edit(lambda d: _trial_pod(d)["containers"][0]["command"].append("${trialParameters.momentum}")),
      "Experiment/team-vision/sweep", "spec.trialTemplate.trialSpec", "momentum"),
 ]
 
@@ -188,7 +211,8 @@ CASES = [
 def test_broken_copy_is_caught(schemas, team_vision, case, breakage, obj, path, words) -> None:
     docs = breakage(copy.deepcopy(team_vision + _fixture_docs()))
     findings = check(docs, schemas)
-    matching = [f for f in findings if f"{f.kind}/{f.namespace}/{f.name}" == obj and f.path == path and words in f.message]
+    matching = [f for f in findings
+                if f"{f.kind}/{f.namespace}/{f.name}" == obj and f.path == path and words in f.message]
     assert matching, f"{case}: expected {obj} {path} ~{words!r}, got: " + "; ".join(map(str, findings))
 
 
@@ -197,17 +221,21 @@ def test_trial_placeholders_are_substituted_before_the_schema(schemas, team_visi
     docs = copy.deepcopy(team_vision + _fixture_docs())
     experiment = _obj(docs, "Experiment")
     experiment["spec"]["trialTemplate"]["trialParameters"].append({"name": "workers", "reference": "workers"})
-    experiment["spec"]["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = "${trialParameters.workers}"
+    master = experiment["spec"]["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"]["Master"]
+    master["replicas"] = "${trialParameters.workers}"
     findings = [f for f in check(docs, schemas) if f.kind == "Experiment"]
-    assert any(f.path.endswith("pytorchReplicaSpecs.Master.replicas") and "'1' is not of type 'integer'" in f.message for f in findings), findings
+    assert any(f.path.endswith("pytorchReplicaSpecs.Master.replicas") and "'1' is not of type 'integer'" in f.message
+               for f in findings), findings
 
 
 def test_kueue_config_must_enable_pytorchjob(schemas, default_run) -> None:
     docs = copy.deepcopy(default_run[0].docs)
     config = _obj(docs, "ConfigMap", "kueue-manager-config")
-    config["data"]["controller_manager_config.yaml"] = config["data"]["controller_manager_config.yaml"].replace("- kubeflow.org/pytorchjob", "")
+    key = "controller_manager_config.yaml"
+    config["data"][key] = config["data"][key].replace("- kubeflow.org/pytorchjob", "")
     findings = check(docs, schemas)
-    assert [f.path for f in findings if "kubeflow.org/pytorchjob" in f.message] == ['data["controller_manager_config.yaml"]']
+    assert [f.path for f in findings if "kubeflow.org/pytorchjob" in f.message] == [
+        'data["controller_manager_config.yaml"]']
 
 
 def test_kueue_must_not_borrow_past_the_namespace_quota(schemas, default_run) -> None:
@@ -224,7 +252,7 @@ def test_kueue_must_not_borrow_past_the_namespace_quota(schemas, default_run) ->
 @pytest.mark.parametrize(
     ("entry", "pinned"),
     [
-        ("https://github.com/kubeflow/manifests/applications/katib/upstream/installs/katib-with-kubeflow?ref=26.03", True),
+        ("https://github.com/kubeflow/manifests/applications/katib/upstream/installs/katib-with-kubeflow?ref=26.03", True),  # noqa: E501  (a URL)
         ("github.com/kubeflow/manifests/common/cert-manager/base?ref=v1.10.0", True),
         ("https://github.com/kubeflow/manifests/common/x?ref=" + "a" * 40, True),
         ("https://github.com/kubernetes-sigs/kueue/releases/download/v0.19.2/manifests.yaml", True),
@@ -239,7 +267,8 @@ def test_remote_refs_must_be_pinned(entry: str, pinned: bool) -> None:
 
 
 def test_strict_rejects_unknown_fields_but_keeps_preserved_objects() -> None:
-    schema = strict({"type": "object", "properties": {"a": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"b": {}}}}})
+    schema = strict({"type": "object", "properties": {
+        "a": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"b": {}}}}})
     assert schema["additionalProperties"] is False
     assert "additionalProperties" not in schema["properties"]["a"]
 
@@ -251,7 +280,8 @@ def test_cli_prints_file_object_and_path_and_exits_1(tmp_path: Path, capsys) -> 
     broken.write_text(yaml.safe_dump(job))
     assert cli.main(["validate", str(broken)]) == 1
     out = capsys.readouterr().out.strip().splitlines()
-    assert f"{broken}: PyTorchJob/team-vision/arrcoc-train-1: spec.pytorchReplicaSpecs.Master.replicas: Master replicas must be 1, got 2" in out
+    assert (f"{broken}: PyTorchJob/team-vision/arrcoc-train-1: spec.pytorchReplicaSpecs.Master.replicas: "
+            "Master replicas must be 1, got 2") in out
 
 
 def test_cli_ok_line_and_user_errors(capsys, monkeypatch, tmp_path: Path) -> None:
@@ -272,7 +302,7 @@ def test_broken_kustomization_is_reported_on_its_directory(tmp_path: Path, schem
 
 def test_crd_download_check_catches_a_changed_file(tmp_path: Path) -> None:
     """Only the checksum part runs here: there is no network."""
-    from pipelines import crds
+    from pipelines.validation import crds
 
     sums = crds.expected_sums()
     assert crds.verify(crd_dir()) == []
@@ -282,6 +312,7 @@ def test_crd_download_check_catches_a_changed_file(tmp_path: Path) -> None:
     data = json.loads((crd_dir() / name).read_text())
     data["info"] = {"title": "tampered"}
     (copy_dir / name).write_text(json.dumps(data))
-    problems = crds.verify(copy_dir, {name: sums[name], "kueue-v0.19.2/kueue.x-k8s.io_cohorts.yaml": sums["kueue-v0.19.2/kueue.x-k8s.io_cohorts.yaml"]})
+    cohorts = "kueue-v0.19.2/kueue.x-k8s.io_cohorts.yaml"
+    problems = crds.verify(copy_dir, {name: sums[name], cohorts: sums[cohorts]})
     assert len(problems) == 2
     assert "does not match" in problems[0] and problems[1].endswith("missing")

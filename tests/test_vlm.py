@@ -9,14 +9,13 @@ import subprocess
 
 import pytest
 import torch
+from trainer_helpers import REPO, clean_env, free_port, read_metrics, run_trainer, trainer_cmd
 
 from trainer.config import TrainConfig
 from trainer.tiny_vlm import FAMILIES, build_tiny_vlm
 from trainer.vlm import ArrCocVLM, kept_count, vlm_type
 from trainer.vqa import (VqaSource, budget_curve, curve_table, evaluate_vqa, write_budget_curve, write_colour_jsonl,
                          write_scene_jsonl)
-
-from trainer_helpers import REPO, clean_env, free_port, read_metrics, run_trainer, trainer_cmd
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +212,7 @@ def test_two_processes_with_the_operator_env(world, tmp_path, family, strategy, 
 
 
 def test_evaluate_step_shows_the_budget_curve(world, tmp_path):
-    from pipelines.components.scoring import evaluate_adapter
+    from pipelines.kfp_pipeline.steps.evaluate import evaluate_adapter
 
     out = tmp_path / "run"
     result = _train(world, out, steps=2)

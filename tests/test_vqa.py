@@ -5,12 +5,18 @@ import json
 
 import numpy as np
 import pytest
+from trainer_helpers import run_trainer
 
 from trainer.tiny_vlm import build_tiny_vlm
-from trainer.vqa import BAD_REASONS, VqaDataError, VqaDataset, load_jsonl, normalize_answer, soft_accuracy, \
-    write_scene_jsonl
-
-from trainer_helpers import run_trainer
+from trainer.vqa import (
+    BAD_REASONS,
+    VqaDataError,
+    VqaDataset,
+    load_jsonl,
+    normalize_answer,
+    soft_accuracy,
+    write_scene_jsonl,
+)
 
 
 def _png(path, size=(40, 60)):

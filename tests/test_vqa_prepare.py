@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from pipelines.components.datasets import PrepareError, prepare
+from pipelines.kfp_pipeline.steps.prepare_data import PrepareError, prepare
 from trainer.vqa import load_jsonl
 
 

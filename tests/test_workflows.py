@@ -54,8 +54,8 @@ def test_pull_requests_compile_check_validate_and_test() -> None:
     pr = _load("pr.yml")
     assert "pull_request" in pr["on"]
     runs = _runs(pr)
-    order = ["make compile", "git diff --exit-code pipelines/compiled", "make validate",
-             "arrcoc pipeline schedule --from pipelines/schedules/ --dry-run", "make test"]
+    order = ["make compile", "git diff --exit-code pipelines/kfp_pipeline/compiled", "make validate",
+             "arrcoc pipeline schedule --from pipelines/ops/schedules/ --dry-run", "make test"]
     positions = [runs.find(command) for command in order]
     assert -1 not in positions, dict(zip(order, positions))
     assert positions == sorted(positions)
@@ -65,8 +65,8 @@ def test_main_uploads_then_reapplies_schedules_with_secrets_by_name() -> None:
     main = _load("main.yml")
     assert main["on"]["push"]["branches"] == ["main"]
     runs = _runs(main)
-    upload = runs.find("arrcoc pipeline upload pipelines/compiled/arrcoc_train.yaml")
-    schedule = runs.find("arrcoc pipeline schedule --from pipelines/schedules/")
+    upload = runs.find("arrcoc pipeline upload pipelines/kfp_pipeline/compiled/arrcoc_train.yaml")
+    schedule = runs.find("arrcoc pipeline schedule --from pipelines/ops/schedules/")
     assert -1 < upload < schedule
     [job] = main["jobs"].values()
     assert job["env"]["KFP_HOST"] == "${{ secrets.KFP_HOST }}"

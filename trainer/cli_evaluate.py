@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .files import write_json_atomic
     from .evaluation import eval_source, evaluate, report
+    from .files import write_json_atomic
     from .model import AdapterError, ArrCoc
 
     if args.adapter:

@@ -215,7 +215,8 @@ def load_dataset(directory: str | Path) -> dict[str, np.ndarray]:
         raise DatasetError(f"dataset {path}: cannot read ({exc})") from None
     missing = [k for k in DATASET_KEYS if k not in arrays]
     if missing:
-        raise DatasetError(f"dataset {path}: missing arrays {', '.join(missing)}; a training set needs {', '.join(DATASET_KEYS)}")
+        raise DatasetError(f"dataset {path}: missing arrays {', '.join(missing)}; "
+                           f"a training set needs {', '.join(DATASET_KEYS)}")
     return {k: arrays[k] for k in DATASET_KEYS}
 
 

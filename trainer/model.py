@@ -174,7 +174,8 @@ class ArrCoc(nn.Module):
         width = base.get_input_embeddings().embedding_dim
         cell = cfg.image_size // cfg.grid
         self.participatory = ParticipatoryScorer(width, cfg.scorer_hidden)
-        self.projector = nn.Sequential(nn.Linear(3 * cell * cell + len(CHANNELS), width), nn.GELU(), nn.Linear(width, width))
+        self.projector = nn.Sequential(nn.Linear(3 * cell * cell + len(CHANNELS), width), nn.GELU(),
+                                       nn.Linear(width, width))
         self.row = nn.Embedding(cfg.grid, width)
         self.col = nn.Embedding(cfg.grid, width)
         for emb in (self.row, self.col):
@@ -271,7 +272,7 @@ class ArrCoc(nn.Module):
         (directory / ADAPTER_CONFIG).write_text(json.dumps(self.cfg.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_adapter(cls, directory: Path, **overrides) -> "ArrCoc":
+    def from_adapter(cls, directory: Path, **overrides) -> ArrCoc:
         """Rebuild a saved adapter; overrides change evaluation settings only (eval_size, seed, eval_data)."""
         directory = Path(directory)
         try:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .data import VOCAB
+
 # A frozen random LM at the default init (std 0.02) keeps every logit near zero and no LoRA can make it name an
 # answer; the wider init of the synthetic path's tiny LM gives the frozen head range (a pretrained base has it).
 from .model import TINY_LM_INIT_STD

@@ -2,11 +2,11 @@
 
 In the spirit of kubeflow/sdk's TrainerClient (a thin client over backend classes), the caller picks where a job
 runs and never how it is built or followed: the pipeline's train step, `arrcoc pytorchjob run` and the local
-Katib sweep all hand a manifest from pipelines/pytorchjob.py to `backend_for(where).run(...)`.
+Katib sweep all hand a manifest from pipelines/jobs/pytorchjob.py to `backend_for(where).run(...)`.
 
-- "local": pipelines/local_runner.py, LocalBackend (replicas as processes on this machine, with the operator's
+- "local": pipelines/jobs/local.py, LocalBackend (replicas as processes on this machine, with the operator's
   env contract and restart rules).
-- "cluster": pipelines/launcher.py, ClusterBackend (kubeflow-training's TrainingClient against the API server).
+- "cluster": pipelines/jobs/cluster.py, ClusterBackend (kubeflow-training's TrainingClient against the API server).
 
 `run` returns a JobResult when the job Succeeded and raises JobFailed (carrying the same JobResult, with the
 Failed condition) for everything else: a failed job, a deadline, a rejected or unreachable API, a cancelled step.
@@ -94,11 +94,11 @@ class ClusterOptions:
 
 def backend_for(where: str, cluster: ClusterOptions | None = None) -> JobBackend:
     if where == "local":
-        from pipelines.local_runner import LocalBackend
+        from pipelines.jobs.local import LocalBackend
 
         return LocalBackend()
     if where == "cluster":
-        from pipelines.launcher import ClusterBackend
+        from pipelines.jobs.cluster import ClusterBackend
 
         return ClusterBackend(cluster or ClusterOptions())
     raise BackendError(f"backend={where!r} is not one of {', '.join(BACKENDS)}")

@@ -1,5 +1,5 @@
 """What the Training Operator admits as a PyTorchJob, and which images we run: the one table that the builder
-(pipelines/pytorchjob.py), the local runner and `arrcoc validate` (pipelines/validation/training.py) all read.
+(pipelines/jobs/pytorchjob.py), the local runner and `arrcoc validate` (pipelines/validation/training.py) all read.
 
 The admission rules are those of kubeflow/training-operator v1.9.2, which its CRD schema does not express:
 - pkg/webhooks/pytorch/pytorchjob_webhook.go, validatePyTorchJob: metadata.name is a DNS-1035 label;

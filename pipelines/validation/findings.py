@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 _PLAIN_KEY = re.compile(r"^[A-Za-z_$][\w$-]*$")
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Iterator
+from collections.abc import Iterator
 
 import yaml
 
 from pipelines.jobs.rules import image_problem
-from pipelines.team_config import CONFIGMAP_NAME as TEAM_CONFIG
-from pipelines.team_config import KEYS, TeamConfig, TeamConfigError
+from pipelines.jobs.team_config import CONFIGMAP_NAME as TEAM_CONFIG
+from pipelines.jobs.team_config import KEYS, TeamConfig, TeamConfigError
 from pipelines.validation.findings import Doc, Finding
 from pipelines.validation.podsecurity import containers
 
@@ -61,7 +61,8 @@ def _tolerates(tolerations: list, taint: dict) -> bool:
             continue
         if t.get("operator") == "Exists" and t.get("key") in (None, "", taint.get("key")):
             return True
-        if t.get("key") == taint.get("key") and t.get("operator", "Equal") == "Equal" and str(t.get("value", "")) == str(taint.get("value", "")):
+        if (t.get("key") == taint.get("key") and t.get("operator", "Equal") == "Equal"
+                and str(t.get("value", "")) == str(taint.get("value", ""))):
             return True
     return False
 
@@ -92,7 +93,8 @@ def check_job_scheduling(doc: Doc, job: dict, prefix: list, configs: dict[str, T
         selector = pod.get("nodeSelector") or {}
         for key, value in config.pod_node_selector().items():
             if key in selector and selector[key] != value:
-                yield doc.finding(here + ["nodeSelector", key], f"{selector[key]!r} differs from team-config of {namespace}: {value!r}")
+                yield doc.finding(here + ["nodeSelector", key],
+                                  f"{selector[key]!r} differs from team-config of {namespace}: {value!r}")
 
 
 def check_namespaces(docs: list[Doc]) -> Iterator[Finding]:
@@ -115,7 +117,9 @@ def check_namespaces(docs: list[Doc]) -> Iterator[Finding]:
                                 f"and the profile controller never overwrites an existing key")
             annotation = ((d.obj.get("metadata") or {}).get("annotations") or {}).get("owner")
             if team in owners and annotation != owners[team]:
-                yield d.finding(["metadata", "annotations", "owner"], f"must equal the Profile owner {owners[team]!r} or the profile controller will not adopt the namespace")
+                yield d.finding(["metadata", "annotations", "owner"],
+                                f"must equal the Profile owner {owners[team]!r} "
+                                "or the profile controller will not adopt the namespace")
             if TEAM_CONFIG not in {x.name for x in docs if x.kind == "ConfigMap" and x.namespace == team}:
                 yield d.finding("(namespace)", f"no ConfigMap {TEAM_CONFIG} in this team namespace")
         elif d.kind == "ConfigMap" and d.name == TEAM_CONFIG and d.namespace:
@@ -133,7 +137,8 @@ def check_namespaces(docs: list[Doc]) -> Iterator[Finding]:
         seen.add(team)
         for kind in ("ResourceQuota", "LimitRange", "NetworkPolicy"):
             if kind not in by_namespace[team]:
-                yield d.finding("(namespace)", f"team namespace {team} has no {kind} (every team namespace needs a ResourceQuota, a LimitRange and a NetworkPolicy)")
+                yield d.finding("(namespace)", f"team namespace {team} has no {kind} "
+                                "(every team namespace needs a ResourceQuota, a LimitRange and a NetworkPolicy)")
     for d in docs:
         if d.kind == "ResourceQuota" and d.namespace in seen:
             hard = (d.obj.get("spec") or {}).get("hard") or {}
@@ -153,7 +158,9 @@ def _check_kueue_config(doc: Doc) -> Iterator[Finding]:
         return
     frameworks = ((config.get("integrations") or {}).get("frameworks")) or []
     if "kubeflow.org/pytorchjob" not in frameworks:
-        yield doc.finding(["data", "controller_manager_config.yaml"], "integrations.frameworks must include kubeflow.org/pytorchjob (Kueue v0.19 leaves it out by default)")
+        yield doc.finding(["data", "controller_manager_config.yaml"],
+                          "integrations.frameworks must include kubeflow.org/pytorchjob "
+                          "(Kueue v0.19 leaves it out by default)")
 
 
 

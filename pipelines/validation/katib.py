@@ -7,7 +7,7 @@ import math
 import re
 from collections.abc import Iterator
 
-from pipelines.katib_experiment import (
+from pipelines.sweeps.experiment import (
     OBJECTIVE_TYPES,
     PARAMETER_TYPES,
     RESUME_POLICIES,
@@ -43,7 +43,8 @@ def check_experiment(doc: Doc) -> Iterator[Finding]:
         here = ["spec", "parameters", index]
         ptype = param.get("parameterType")
         if ptype not in PARAMETER_TYPES:
-            yield doc.finding(here + ["parameterType"], f"{ptype!r} is not allowed; allowed: {', '.join(PARAMETER_TYPES)}")
+            yield doc.finding(here + ["parameterType"],
+                              f"{ptype!r} is not allowed; allowed: {', '.join(PARAMETER_TYPES)}")
         space = param.get("feasibleSpace") or {}
         if algorithm == SKOPT_ALGORITHM and ptype == "double":
             try:
@@ -61,7 +62,8 @@ def check_experiment(doc: Doc) -> Iterator[Finding]:
         yield doc.finding(["spec", "parameters"], problem)
     objective = (spec.get("objective") or {}).get("type")
     if objective is not None and objective not in OBJECTIVE_TYPES:
-        yield doc.finding(["spec", "objective", "type"], f"{objective!r} is not allowed; allowed: {', '.join(OBJECTIVE_TYPES)}")
+        yield doc.finding(["spec", "objective", "type"],
+                          f"{objective!r} is not allowed; allowed: {', '.join(OBJECTIVE_TYPES)}")
     resume = spec.get("resumePolicy")
     if resume is not None and resume not in RESUME_POLICIES:
         yield doc.finding(["spec", "resumePolicy"], f"{resume!r} is not allowed; allowed: {', '.join(RESUME_POLICIES)}")
@@ -73,11 +75,13 @@ def check_experiment(doc: Doc) -> Iterator[Finding]:
     declared = {}
     for index, tp in enumerate(template.get("trialParameters") or []):
         if tp.get("reference") not in params and not _TRIAL_META.fullmatch(str(tp.get("reference"))):
-            yield doc.finding(["spec", "trialTemplate", "trialParameters", index, "reference"], f"{tp.get('reference')!r} is not a parameter of this experiment")
+            yield doc.finding(["spec", "trialTemplate", "trialParameters", index, "reference"],
+                              f"{tp.get('reference')!r} is not a parameter of this experiment")
         declared[tp.get("name")] = params.get(tp.get("reference"), {})
     text = json.dumps(template.get("trialSpec") or {})
     for used in sorted(set(_PLACEHOLDER.findall(text)) - set(declared)):
-        yield doc.finding(["spec", "trialTemplate", "trialSpec"], f"${{trialParameters.{used}}} is not declared in trialTemplate.trialParameters")
+        yield doc.finding(["spec", "trialTemplate", "trialSpec"],
+                          f"${{trialParameters.{used}}} is not declared in trialTemplate.trialParameters")
 
 
 def substituted_trial_spec(doc: Doc) -> dict | None:

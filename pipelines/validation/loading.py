@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.validation.findings import Doc, Finding
+from trainer.errors import UserError
 
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
 _REMOTE = re.compile(r"^(https?://|git@|ssh://|github\.com/|gitlab\.com/)")
@@ -19,10 +20,8 @@ _PINNED_REF = re.compile(r"^(v?\d+(\.\d+)+([-+.][0-9A-Za-z.-]+)?|[0-9a-f]{40})$"
 _URL_VERSION = re.compile(r"/(download|raw|blob)/v?\d+(\.\d+)+/|/v?\d+(\.\d+)+/")
 
 
-class LoadError(ValueError):
+class LoadError(UserError):
     """A path that cannot be validated at all (missing, no kubectl): a user error."""
-
-    exit_code = 2
 
 
 @dataclass
@@ -52,7 +51,8 @@ def pin_problem(entry: str) -> str | None:
     ref = re.search(r"[?&](ref|version)=([^&]+)", entry)
     if ref:
         value = ref.group(2)
-        return None if _PINNED_REF.match(value) else f"ref {value!r} is not a version tag or commit (branches and 'latest' move)"
+        return (None if _PINNED_REF.match(value)
+                else f"ref {value!r} is not a version tag or commit (branches and 'latest' move)")
     if "latest" in entry.split("/"):
         return "'latest' moves: pin a release version"
     if _URL_VERSION.search(entry):
@@ -89,7 +89,8 @@ def render(directory: Path, label: str, out: Loaded) -> None:
     out.targets += 1
     if result.returncode != 0:
         message = " ".join((result.stderr or result.stdout).split())
-        out.findings.append(Finding(label, "Kustomization", "", label, "(build)", f"kubectl kustomize failed: {message}"))
+        out.findings.append(Finding(label, "Kustomization", "", label, "(build)",
+                                    f"kubectl kustomize failed: {message}"))
         return
     _add_yaml(result.stdout, label, out)
 
@@ -118,7 +119,8 @@ def check_pins(directory: Path, label_of, out: Loaded) -> None:
     for where, entry in remote_entries(directory):
         problem = pin_problem(entry)
         if problem:
-            out.findings.append(Finding(label_of(where), "Kustomization", "", label_of(where), "resources", f"{entry}: {problem}"))
+            out.findings.append(Finding(label_of(where), "Kustomization", "", label_of(where), "resources",
+                                        f"{entry}: {problem}"))
 
 
 def load_tree(root: Path, label_of, out: Loaded, render_remote: set[Path] = frozenset()) -> None:

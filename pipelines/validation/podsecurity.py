@@ -1,7 +1,7 @@
 """Pod templates inside any object we apply, and the Pod Security Standard 'restricted' (latest)."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from pipelines.validation.findings import Doc, Finding
 
@@ -89,7 +89,8 @@ def check_restricted(doc: Doc, path: FieldPath, spec: dict) -> Iterator[Finding]
             )
         caps = sc.get("capabilities") or {}
         if "ALL" not in (caps.get("drop") or []):
-            yield doc.finding(here + ["securityContext", "capabilities", "drop"], "must include ALL (Pod Security restricted)")
+            yield doc.finding(here + ["securityContext", "capabilities", "drop"],
+                              "must include ALL (Pod Security restricted)")
         for cap in caps.get("add") or []:
             if cap != "NET_BIND_SERVICE":
                 yield doc.finding(
@@ -98,7 +99,8 @@ def check_restricted(doc: Doc, path: FieldPath, spec: dict) -> Iterator[Finding]
                 )
         nonroot = sc.get("runAsNonRoot")
         if nonroot is False or (nonroot is None and not pod_nonroot):
-            yield doc.finding(here + ["securityContext", "runAsNonRoot"], "must be true here or in the pod securityContext (Pod Security restricted)")
+            yield doc.finding(here + ["securityContext", "runAsNonRoot"],
+                              "must be true here or in the pod securityContext (Pod Security restricted)")
         seccomp = (sc.get("seccompProfile") or {}).get("type") or pod_seccomp
         if seccomp not in ("RuntimeDefault", "Localhost"):
             yield doc.finding(
@@ -107,7 +109,8 @@ def check_restricted(doc: Doc, path: FieldPath, spec: dict) -> Iterator[Finding]
             )
         for pindex, port in enumerate(container.get("ports") or []):
             if port.get("hostPort"):
-                yield doc.finding(here + ["ports", pindex, "hostPort"], "host ports are not allowed (Pod Security restricted)")
+                yield doc.finding(here + ["ports", pindex, "hostPort"],
+                                  "host ports are not allowed (Pod Security restricted)")
         if sc.get("procMount") not in (None, "Default"):
             yield doc.finding(here + ["securityContext", "procMount"], "must be Default (Pod Security restricted)")
 

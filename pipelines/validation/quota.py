@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from kubernetes.utils.quantity import parse_quantity
 
-from pipelines.team_config import TeamConfig, TeamConfigError
+from pipelines.jobs.team_config import TeamConfig, TeamConfigError
 from pipelines.validation.findings import Doc, Finding
 from pipelines.validation.katib import substituted_trial_spec
 
@@ -137,7 +137,7 @@ def _check_kueue(docs: list[Doc], namespace: str, quota: Doc, hard: Mapping) -> 
             continue
         admits: Counter = Counter()
         unbounded: set[str] = set()
-        for g, group in enumerate(spec.get("resourceGroups") or []):
+        for group in spec.get("resourceGroups") or []:
             for flavor in group.get("flavors") or []:
                 for resource in flavor.get("resources") or []:
                     name = resource.get("name")

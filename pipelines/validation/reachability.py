@@ -112,7 +112,7 @@ def check_reachability(docs: list[Doc]) -> Iterator[Finding]:
 
         def refuse(verdict: Verdict, what: str) -> Finding:
             where = "metadata.labels" if verdict.refused_by == "ingress" else "(NetworkPolicy egress)"
-            return team_doc.finding(where, f"{what} is refused on {verdict.refused_by} "
+            return team_doc.finding(where, f"{what} is refused on {verdict.refused_by} "  # noqa: B023  (called in this iteration only)
                                            f"(NetworkPolicies isolating it: {', '.join(verdict.policies)})")
 
         for need in NEEDS:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jsonschema
 import kubernetes_validate
@@ -88,11 +89,11 @@ class SchemaSet:
                         schema["properties"].setdefault(field, {"type": kind_of})
                 self.crds.setdefault((spec["group"], version["name"], kind), schema)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache  # noqa: B019  (one Schemas per validate run: the cache lives exactly as long as it)
     def _crd_validator(self, key: tuple[str, str, str]) -> jsonschema.protocols.Validator:
         return jsonschema.Draft4Validator(strict(self.crds[key]))
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache  # noqa: B019  (one Schemas per validate run: the cache lives exactly as long as it)
     def _katib_validator(self, kind: str) -> jsonschema.protocols.Validator:
         schema = {"definitions": self.katib_definitions, "$ref": f"#/definitions/v1beta1.{kind}"}
         return jsonschema.Draft4Validator(schema)

@@ -1,0 +1,131 @@
+"""The ARR-COC training pipeline: prepare-data -> train (one PyTorchJob) -> evaluate -> gate -> register.
+
+The same function runs on a cluster (compiled by `arrcoc compile`, uploaded in the KFP UI, backend "cluster")
+and on a laptop (`arrcoc demo`: kfp.local, backend "local"). Task-level Kubernetes settings (kfp.kubernetes)
+compile into the platform spec, the second YAML document; kfp.local ignores them. Why each one is there:
+
+- team-config as env on train: the PyTorchJob builder reads the team's scheduling from it (TeamConfig.from_env).
+- the checkpoint PVC on train, register and prepare-data: train stages the datasets where the replicas read
+  them (see components/train.py), register writes the model store, prepare-data can read an image folder
+  kept on the team volume.
+- node selector kubernetes.io/arch=amd64 everywhere: the trainer image is built for amd64 only, and GKE
+  clusters may have Arm node pools.
+- prepare-data and evaluate tolerate spot nodes and retry: cheap, restartable steps. train must not sit on a
+  spot node (node affinity: not spot): a preempted launcher would leave its PyTorchJob running unwatched.
+- an optional Secret hf-token (key token) as HF_TOKEN on evaluate, which rebuilds the base model when
+  base_model is a Hugging Face hub id; teams without the secret are unaffected.
+- cpu/memory requests: the team namespace's ResourceQuota rejects pods that declare none.
+- runAsNonRoot with the image's uid on every step: KFP 2.16 gives the executor's main container no runAsNonRoot of
+  its own (backend/src/v2/compiler/argocompiler/security_context.go), and team namespaces enforce Pod Security
+  "restricted", which refuses a pod without it.
+"""
+from typing import NamedTuple
+
+from kfp import dsl, kubernetes
+from kfp.dsl import HTML, Metrics, Model
+
+from pipelines.jobs.pytorchjob import CHECKPOINT_MOUNT, RUN_AS_USER
+from pipelines.jobs.team_config import CONFIGMAP_NAME, ENV_NAMES, SPOT_LABEL
+from pipelines.kfp_pipeline.components import BASE_IMAGE
+from pipelines.kfp_pipeline.components.evaluate import evaluate
+from pipelines.kfp_pipeline.components.prepare_data import prepare_data
+from pipelines.kfp_pipeline.components.register import register
+from pipelines.kfp_pipeline.components.train import train
+from pipelines.kfp_pipeline.steps.train import MAX_TIMEOUT_MINUTES
+from trainer.config import TrainConfig
+
+PIPELINE_NAME = "arrcoc-train"
+DEFAULTS = TrainConfig()  # one place defines a training default
+DEFAULT_THRESHOLD = 0.4  # an untrained adapter scores ~0.11 and random allocation ~0.08 (docs/pipeline.md)
+STEP_LABEL = "arrcoc.dev/step"
+PIPELINE_LABEL = "arrcoc.dev/pipeline"
+HF_SECRET = "hf-token"
+
+
+class Outputs(NamedTuple):
+    report: HTML
+    metrics: Metrics
+    adapter: Model
+
+
+def _common(task: dsl.PipelineTask, step: str, cpu: str, memory: str, timeout_s: int) -> dsl.PipelineTask:
+    task.set_display_name(step)
+    task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+    kubernetes.add_pod_label(task, PIPELINE_LABEL, PIPELINE_NAME)
+    kubernetes.add_pod_label(task, STEP_LABEL, step)
+    kubernetes.add_node_selector(task, "kubernetes.io/arch", "amd64")
+    kubernetes.set_timeout(task, timeout_s)
+    kubernetes.set_security_context(task, run_as_user=RUN_AS_USER, run_as_group=RUN_AS_USER, run_as_non_root=True)
+    return task
+
+
+def _spot_tolerant(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    kubernetes.add_toleration(task, key=SPOT_LABEL, operator="Equal", value="true", effect="NoSchedule")
+    task.set_retry(num_retries=2)
+    return task
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Prepare data, train the ARR-COC adapter as a PyTorchJob, "
+              "evaluate it with pictures, and register it when relevance_score >= threshold.")
+def arrcoc_train(
+    source: str = "synthetic",
+    seed: int = DEFAULTS.seed,
+    train_size: int = 2048,
+    eval_size: int = DEFAULTS.eval_size,
+    steps: int = DEFAULTS.steps,
+    batch_size: int = DEFAULTS.batch_size,
+    lr: float = DEFAULTS.lr,
+    compress_vs_particularize: float = DEFAULTS.compress_vs_particularize,
+    exploit_vs_explore: float = DEFAULTS.exploit_vs_explore,
+    focus_vs_diversify: float = DEFAULTS.focus_vs_diversify,
+    base_model: str = DEFAULTS.base_model,
+    strategy: str = "",  # "": the team-config's trainStrategy (ddp unless set)
+    precision: str = "",  # "": the team-config's trainPrecision (bf16 on GPUs that have it, else fp32)
+    grad_accum: int = DEFAULTS.grad_accum,
+    activation_checkpointing: bool = DEFAULTS.activation_checkpointing,
+    workers: int = 1,
+    nproc_per_node: str = "",
+    image: str = BASE_IMAGE,
+    backend: str = "cluster",
+    checkpoint_pvc: str = "checkpoints",
+    train_timeout_minutes: int = 720,
+    delete_job: str = "on-success",
+    threshold: float = DEFAULT_THRESHOLD,
+    model_store: str = CHECKPOINT_MOUNT + "/models",
+    report_samples: int = 8,
+) -> Outputs:
+    prep = prepare_data(source=source, seed=seed, train_size=train_size, eval_size=eval_size)
+    _spot_tolerant(_common(prep, "prepare-data", "1", "2Gi", 3600))
+    kubernetes.mount_pvc(prep, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
+
+    trained = train(
+        train_data=prep.outputs["train_data"], eval_data=prep.outputs["eval_data"], backend=backend,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, image=image, workers=workers, nproc_per_node=nproc_per_node,
+        checkpoint_pvc=checkpoint_pvc, timeout_minutes=train_timeout_minutes, delete_policy=delete_job,
+        steps=steps, batch_size=batch_size, lr=lr, eval_size=eval_size, seed=seed,
+        compress_vs_particularize=compress_vs_particularize, exploit_vs_explore=exploit_vs_explore,
+        focus_vs_diversify=focus_vs_diversify, base_model=base_model, strategy=strategy, precision=precision,
+        grad_accum=grad_accum, activation_checkpointing=activation_checkpointing,
+    )
+    # The launcher only waits; its own timeout outlives the job's longest allowed deadline.
+    _common(trained, "train", "500m", "1Gi", (MAX_TIMEOUT_MINUTES + 30) * 60)
+    kubernetes.use_config_map_as_env(trained, config_map_name=CONFIGMAP_NAME, config_map_key_to_env=dict(ENV_NAMES))
+    kubernetes.mount_pvc(trained, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
+    kubernetes.add_node_affinity(trained, match_expressions=[{"key": SPOT_LABEL, "operator": "DoesNotExist"}])
+    # A cached train step would skip the PyTorchJob; the run id input already differs per run, this says so.
+    trained.set_caching_options(False)
+
+    scored = evaluate(adapter=trained.outputs["adapter"], eval_data=prep.outputs["eval_data"],
+                      report_samples=report_samples, threshold=threshold)
+    _spot_tolerant(_common(scored, "evaluate", "2", "4Gi", 3600))
+    kubernetes.use_secret_as_env(scored, secret_name=HF_SECRET, secret_key_to_env={"token": "HF_TOKEN"}, optional=True)
+
+    with dsl.If(scored.outputs["Output"] >= threshold, name="relevance-gate"):
+        registered = register(adapter=trained.outputs["adapter"], metrics=scored.outputs["metrics"],
+                              train_data=prep.outputs["train_data"], eval_data=prep.outputs["eval_data"],
+                              model_store=model_store, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, threshold=threshold)
+        _common(registered, "register", "500m", "1Gi", 900)
+        kubernetes.mount_pvc(registered, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
+
+    return Outputs(report=scored.outputs["report"], metrics=scored.outputs["metrics"],
+                   adapter=trained.outputs["adapter"])

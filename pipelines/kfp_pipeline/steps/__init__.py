@@ -1,0 +1,1 @@
+"""The work each pipeline component does, in plain modules named after their components (see components/)."""

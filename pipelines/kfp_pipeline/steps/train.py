@@ -1,0 +1,117 @@
+"""The train step's work: one PyTorchJob (pipelines.jobs.pytorchjob), launched on the cluster or rehearsed here.
+
+Getting the datasets to the replicas. A KFP step's input artifacts are downloaded into the step's own pod;
+the PyTorchJob's replicas are other pods and cannot see them. So the step stages both datasets on the team's
+checkpoint volume, keyed by run id, and the trainer reads them from there:
+
+    <checkpoint mount>/<run id>/data/train, .../data/eval   (staged by this step)
+    <checkpoint mount>/<run id>/adapter, metrics.json, checkpoints/   (written by the trainer: --out)
+
+Where the step sees that volume is the job backend's answer (pipelines/jobs/backends.py, volume_dir): on the
+cluster the step mounts the team's checkpoint PVC (pipeline parameter checkpoint_pvc, mounted with
+kfp.kubernetes.mount_pvc at the same path the replicas use), and the backend refuses a job whose checkpoint
+volume is not that PVC; locally the runner maps that mount path to <workdir>/volumes/checkpoints. Either way
+the step passes the very same container paths: the local run rehearses the cluster's data path.
+A KFP retry of the step reuses the run id, so the trainer (--resume auto) continues from its last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipelines.kfp_pipeline.components import BASE_IMAGE
+from trainer.errors import UserError
+from trainer.files import copy_dir_atomic, write_bytes_atomic, write_text_atomic
+
+# Locally, a team-config file (the ConfigMap YAML) may stand in for TeamConfig.local_default().
+TEAM_CONFIG_FILE_ENV = "ARRCOC_TEAM_CONFIG_FILE"
+MAX_TIMEOUT_MINUTES = 24 * 60  # the train task's own pod timeout (pipeline.py) is set above this
+
+
+class TrainStepError(UserError):
+    pass
+
+
+def job_name_for(run_id: str) -> str:
+    """A DNS-1035 job name from a KFP run id (a UUID on a cluster, digits under kfp.local)."""
+    slug = re.sub(r"[^a-z0-9]", "", run_id.lower())[:12] or "run"
+    return f"arrcoc-{slug}"
+
+
+def team_config(backend: str):
+    from pipelines.jobs.team_config import TeamConfig
+
+    if backend == "cluster":
+        return TeamConfig.from_env()  # injected from the team-config ConfigMap (pipeline.py)
+    path = os.environ.get(TEAM_CONFIG_FILE_ENV)
+    return TeamConfig.from_file(path) if path else TeamConfig.local_default()
+
+
+def trainer_args(params: dict[str, Any], train_dir: str, eval_dir: str) -> list[str]:
+    """Trainer flags (trainer/config.py names) from the pipeline's parameters; --out belongs to the builder."""
+    args = []
+    for name, value in params.items():
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):  # on/off flags (argparse.BooleanOptionalAction): --flag or --no-flag
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            args += ["--" + flag, str(value)]
+    return [*args, "--train-data", train_dir, "--eval-data", eval_dir]
+
+
+def run_training(*, backend: str, run_id: str, train_dir: str, eval_dir: str, adapter_dir: str, job_dir: str,
+                 params: dict[str, Any], image: str = BASE_IMAGE, workers: int = 1, nproc_per_node: str = "",
+                 checkpoint_pvc: str = "", timeout_minutes: int = 720, delete_policy: str = "on-success",
+                 workdir: str = "") -> dict[str, Any]:
+    """Stage data, run the PyTorchJob, copy its adapter to adapter_dir; returns the trainer's metrics.json.
+
+    job_dir receives pytorchjob.yaml, master.log and metrics.json. workdir is where the job backend keeps
+    its logs (and, locally, the job's volumes); default: a sibling of adapter_dir.
+    """
+    from pipelines.jobs.backends import ClusterOptions, JobFailed, backend_for
+    from pipelines.jobs.cluster import DELETE_POLICIES
+    from pipelines.jobs.pytorchjob import CHECKPOINT_MOUNT, CHECKPOINT_VOLUME, build_pytorchjob, to_manifest, to_yaml
+
+    # The step's pod mounts checkpoint_pvc at CHECKPOINT_MOUNT (pipeline.py): that is how it reaches the replicas.
+    mounts = {checkpoint_pvc: CHECKPOINT_MOUNT} if checkpoint_pvc else {}
+    jobs = backend_for(backend, ClusterOptions(delete=delete_policy, step_mounts=mounts))
+    if delete_policy not in DELETE_POLICIES:
+        raise TrainStepError(f"delete_job={delete_policy!r} is not one of {', '.join(DELETE_POLICIES)}")
+    if not 1 <= int(timeout_minutes) <= MAX_TIMEOUT_MINUTES:
+        raise TrainStepError(f"train_timeout_minutes={timeout_minutes} must be in 1..{MAX_TIMEOUT_MINUTES}")
+    team = team_config(backend)
+    container_root = f"{CHECKPOINT_MOUNT}/{run_id}"
+    job = build_pytorchjob(
+        job_name_for(run_id), team=team, image=image,
+        trainer_args=trainer_args(params, f"{container_root}/data/train", f"{container_root}/data/eval"),
+        workers=int(workers), nproc_per_node=nproc_per_node or None, run_id=run_id,
+        labels={"arrcoc.dev/launched-by": "kfp"}, active_deadline_seconds=int(timeout_minutes) * 60,
+        checkpoint_mount=CHECKPOINT_MOUNT,
+    )
+    manifest = to_manifest(job)
+    work = Path(workdir or Path(adapter_dir).parent / "pytorchjob")
+    mount_root = jobs.volume_dir(manifest, CHECKPOINT_VOLUME, work)
+
+    # The step runs as the trainer image's user (uid 1000), as the replicas do, so they own what it stages.
+    run_root = mount_root / run_id
+    (run_root / "data").mkdir(parents=True, exist_ok=True)
+    copy_dir_atomic(train_dir, run_root / "data" / "train")
+    copy_dir_atomic(eval_dir, run_root / "data" / "eval")
+    out = Path(job_dir)
+    write_text_atomic(out / "pytorchjob.yaml", to_yaml(manifest))
+
+    try:
+        result = jobs.run(manifest, work, timeout=int(timeout_minutes) * 60, log_stream=sys.stdout)
+    except JobFailed as failed:
+        write_bytes_atomic(out / "master.log", failed.result.master_log.read_bytes())
+        raise
+    write_bytes_atomic(out / "master.log", result.master_log.read_bytes())
+    if not (run_root / "adapter").is_dir():
+        raise RuntimeError(f"PyTorchJob {result.name} succeeded but wrote no adapter under {container_root}")
+    copy_dir_atomic(run_root / "adapter", adapter_dir)
+    write_bytes_atomic(out / "metrics.json", (run_root / "metrics.json").read_bytes())
+    return json.loads((run_root / "metrics.json").read_text())

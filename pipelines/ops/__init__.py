@@ -1,0 +1,1 @@
+"""Operating a KFP deployment: uploading, running and scheduling the compiled pipeline; cron expressions."""

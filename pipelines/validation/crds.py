@@ -1,0 +1,170 @@
+"""`python -m pipelines.validation.crds download [DIR]`: fetch the upstream CRDs and schemas `arrcoc validate`
+reads, at pinned commits, and check them against the sha256 list below.
+`python -m pipelines.validation.crds verify [DIR]` checks an existing directory.
+Nothing is written unless every file downloads and matches: files land in a temporary directory
+inside DIR and are renamed into place at the end; a directory that already matches is left as is.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.validation.run import crd_dir
+
+
+@dataclass(frozen=True)
+class PinnedFile:
+    local: str  # path inside the CRD directory
+    repo: str
+    commit: str
+    path: str  # path inside the repository
+
+    @property
+    def url(self) -> str:
+        return f"https://raw.githubusercontent.com/{self.repo}/{self.commit}/{self.path}"
+
+
+FILES = (
+    PinnedFile("katib-v0.19.0/experiment.yaml", "kubeflow/katib", "578e60f1ce83dbb5e7151026a3bdc4de233947fc",
+               "manifests/v1beta1/components/crd/experiment.yaml"),
+    PinnedFile("katib-v0.19.0/suggestion.yaml", "kubeflow/katib", "578e60f1ce83dbb5e7151026a3bdc4de233947fc",
+               "manifests/v1beta1/components/crd/suggestion.yaml"),
+    PinnedFile("katib-v0.19.0/swagger.json", "kubeflow/katib", "578e60f1ce83dbb5e7151026a3bdc4de233947fc",
+               "pkg/apis/v1beta1/swagger.json"),
+    PinnedFile("katib-v0.19.0/trial.yaml", "kubeflow/katib", "578e60f1ce83dbb5e7151026a3bdc4de233947fc",
+               "manifests/v1beta1/components/crd/trial.yaml"),
+    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_admissionchecks.yaml", "kubernetes-sigs/kueue",
+               "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb",
+               "config/components/crd/bases/kueue.x-k8s.io_admissionchecks.yaml"),
+    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_clusterqueues.yaml", "kubernetes-sigs/kueue",
+               "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb",
+               "config/components/crd/bases/kueue.x-k8s.io_clusterqueues.yaml"),
+    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_cohorts.yaml", "kubernetes-sigs/kueue",
+               "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb", "config/components/crd/bases/kueue.x-k8s.io_cohorts.yaml"),
+    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_localqueues.yaml", "kubernetes-sigs/kueue",
+               "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb",
+               "config/components/crd/bases/kueue.x-k8s.io_localqueues.yaml"),
+    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_resourceflavors.yaml", "kubernetes-sigs/kueue",
+               "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb",
+               "config/components/crd/bases/kueue.x-k8s.io_resourceflavors.yaml"),
+    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_topologies.yaml", "kubernetes-sigs/kueue",
+               "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb",
+               "config/components/crd/bases/kueue.x-k8s.io_topologies.yaml"),
+    PinnedFile("kueue-v0.19.2/kueue.x-k8s.io_workloadpriorityclasses.yaml", "kubernetes-sigs/kueue",
+               "8eab68778fc1b52affe165fdf5af29d1e9b4f3cb",
+               "config/components/crd/bases/kueue.x-k8s.io_workloadpriorityclasses.yaml"),
+    PinnedFile("profiles-manifests-26.03/kubeflow.org_profiles.yaml", "kubeflow/manifests",
+               "d68ebc7fab366ab40ddd1541d2ec22febb31bc83",
+               "applications/profiles/upstream/crd/bases/kubeflow.org_profiles.yaml"),
+    PinnedFile("trainer-v2.1.0/trainer.kubeflow.org_clustertrainingruntimes.yaml", "kubeflow/trainer",
+               "73c9bece741ce17d2124abda3ec6bfcf5b5b8e87",
+               "manifests/base/crds/trainer.kubeflow.org_clustertrainingruntimes.yaml"),
+    PinnedFile("trainer-v2.1.0/trainer.kubeflow.org_trainingruntimes.yaml", "kubeflow/trainer",
+               "73c9bece741ce17d2124abda3ec6bfcf5b5b8e87",
+               "manifests/base/crds/trainer.kubeflow.org_trainingruntimes.yaml"),
+    PinnedFile("trainer-v2.1.0/trainer.kubeflow.org_trainjobs.yaml", "kubeflow/trainer",
+               "73c9bece741ce17d2124abda3ec6bfcf5b5b8e87", "manifests/base/crds/trainer.kubeflow.org_trainjobs.yaml"),
+    PinnedFile("training-operator-v1.9.2/kubeflow.org_pytorchjobs.yaml", "kubeflow/trainer",
+               "bde9c20903ad9b54af1f3883e4fa764a3c0db797", "manifests/base/crds/kubeflow.org_pytorchjobs.yaml"),
+)
+
+SHA256SUMS = """\
+c7f8a989368dcc87bcbb2739efa3b3e6f78d31f156857e0284e56c8bd6bf98db  ./katib-v0.19.0/experiment.yaml
+779b50ccf5a60da5e79bac8ff37a0f1adbecfb77b366645d1db79709c6eb2922  ./katib-v0.19.0/suggestion.yaml
+fe7228f8735d8e024ee99a1080ca9851b0a8e34c7b49f402e4cb54bfbe13f45a  ./katib-v0.19.0/swagger.json
+207d14cdfad2921ccebf4aba97c1e55bd238dd2a16e4e7f49cedcba046b6c3cf  ./katib-v0.19.0/trial.yaml
+2bf4003c0a3ea3d6ceab940c7a271ad211372dab59d2739acfa8b2bdb0724acb  ./kueue-v0.19.2/kueue.x-k8s.io_admissionchecks.yaml
+e0a5fc9b370c70f3d993d4f599865817338ecf94187b30b15b12ff33c579bd55  ./kueue-v0.19.2/kueue.x-k8s.io_clusterqueues.yaml
+61fbe5ec55d45e7fae2d65321fb32517b197257ab78ad55316673183aac911c2  ./kueue-v0.19.2/kueue.x-k8s.io_cohorts.yaml
+dd10ef8d3578e7212fa52763549e7b6be0949793a5b924495fcd293330109fed  ./kueue-v0.19.2/kueue.x-k8s.io_localqueues.yaml
+19e339c47e9ca3fa2c9eeddd27715a512f765c4794ed859733408a9715720173  ./kueue-v0.19.2/kueue.x-k8s.io_resourceflavors.yaml
+f703575d3bb64d26f6e839f831e01646367ed41a89b3abf163f8e842ca1c4d2b  ./kueue-v0.19.2/kueue.x-k8s.io_topologies.yaml
+0b755726aab05b8def9a53ee15b201eed3846bcffd1ff5528fed123f4ae03519  ./kueue-v0.19.2/kueue.x-k8s.io_workloadpriorityclasses.yaml
+d661b57824481b715aa7589b8e72aa695a7767c449880272bc2aa5f398f8eeac  ./profiles-manifests-26.03/kubeflow.org_profiles.yaml
+be1a629914db7bef3b4f864be82a0bfcb7ab5fb8e2fd58542de024b9f5f559f0  ./trainer-v2.1.0/trainer.kubeflow.org_clustertrainingruntimes.yaml
+bcf07e6094259d389a00d84013e7723b975570373ee00f07dc5faec7b002f155  ./trainer-v2.1.0/trainer.kubeflow.org_trainingruntimes.yaml
+65ea8f95f298103275e00b690bda5e090355f7eb5d6e4d15236b557f088b8078  ./trainer-v2.1.0/trainer.kubeflow.org_trainjobs.yaml
+eb80e57a984cdc7ceefaaf3fc561e21b673c30cbb58589f2389528d2b2760d22  ./training-operator-v1.9.2/kubeflow.org_pytorchjobs.yaml
+"""  # noqa: E501  (sha256sum's own format: one digest and path per line)
+
+
+class CrdError(RuntimeError):
+    exit_code = 1
+
+
+def expected_sums(text: str = SHA256SUMS) -> dict[str, str]:
+    sums = {}
+    for line in text.splitlines():
+        if line.strip():
+            digest, name = line.split()
+            sums[name.removeprefix("./")] = digest
+    return sums
+
+
+def verify(directory: Path, sums: dict[str, str] | None = None) -> list[str]:
+    """One line per file that is missing or whose sha256 differs; empty when all match."""
+    problems = []
+    for name, digest in sorted((sums or expected_sums()).items()):
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if actual != digest:
+            problems.append(f"{path}: sha256 {actual} does not match the pinned {digest}")
+    return problems
+
+
+def download(directory: Path, timeout: float = 60.0) -> None:
+    if not verify(directory):
+        return  # already complete: nothing to fetch
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".crds-", dir=directory))
+    try:
+        for pinned in FILES:
+            target = staging / pinned.local
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with urllib.request.urlopen(pinned.url, timeout=timeout) as response:
+                target.write_bytes(response.read())
+        problems = verify(staging)
+        if problems:
+            raise CrdError("; ".join(problems))
+        (staging / "SHA256SUMS").write_text(SHA256SUMS)
+        # Same filesystem, so each file appears whole; other files in the directory are left alone.
+        for name in [*expected_sums(), "SHA256SUMS"]:
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / name, directory / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.validation.crds", description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("download", "verify"))
+    parser.add_argument("directory", nargs="?", type=Path,
+                        help="default: $ARRCOC_CRD_DIR or .arrcoc/crds in the checkout")
+    args = parser.parse_args(argv)
+    directory = args.directory or crd_dir()
+    try:
+        if args.action == "download":
+            download(directory)
+        problems = verify(directory)
+    except (OSError, CrdError) as error:
+        print(f"crds: error: {error}", file=sys.stderr)
+        return 1
+    for problem in problems:
+        print(f"crds: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"crds: {len(FILES)} files in {directory} match their pinned sha256")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
