@@ -38,6 +38,15 @@ CHECKPOINT_VOLUME = "checkpoints"
 CHECKPOINT_MOUNT = "/checkpoints"
 SHM_VOLUME = "dshm"
 GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
+# GKE's GCS FUSE sidecar (docs: "Configure the Cloud Storage FUSE CSI driver sidecar container for GKE") gets
+# its limits from these pod annotations; unset, a Standard cluster leaves cpu and memory unlimited, which a
+# ResourceQuota on limits.* refuses, and ephemeral storage at GKE's 5Gi default, which is where gcsfuse stages
+# a file before uploading it. Requests default to the limits. A LoRA checkpoint is far below 5Gi.
+GCSFUSE_SIDECAR_LIMITS = {"gke-gcsfuse/cpu-limit": "500m", "gke-gcsfuse/memory-limit": "1Gi",
+                          "gke-gcsfuse/ephemeral-storage-limit": "5Gi"}
+# The sidecar reaches GCS as the pod's service account through Workload Identity; a Profile's Workload Identity
+# plugin binds a Google service account to default-editor only (not to default).
+WORKLOAD_IDENTITY_ACCOUNT = "default-editor"
 TEAM_LABEL = "arrcoc.dev/team"
 RUN_ID_LABEL = "arrcoc.dev/run-id"
 KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -208,6 +217,7 @@ def _pod_template(image: str, args: list[str], nproc: str, team: TeamConfig, lab
     annotations = {"sidecar.istio.io/inject": "false"}
     if team.checkpoint_bucket:
         annotations["gke-gcsfuse/volumes"] = "true"
+        annotations.update(GCSFUSE_SIDECAR_LIMITS)
     container = k8s.V1Container(
         name=CONTAINER_NAME,
         image=image,
@@ -233,6 +243,7 @@ def _pod_template(image: str, args: list[str], nproc: str, team: TeamConfig, lab
             node_selector=team.pod_node_selector() or None,
             tolerations=[_toleration(t) for t in team.tolerations] or None,
             priority_class_name=team.priority_class_name or None,
+            service_account_name=WORKLOAD_IDENTITY_ACCOUNT if team.checkpoint_bucket else None,
             security_context=k8s.V1PodSecurityContext(
                 run_as_non_root=True, run_as_user=RUN_AS_USER, run_as_group=RUN_AS_USER, fs_group=RUN_AS_USER,
                 seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),
