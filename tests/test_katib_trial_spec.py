@@ -24,6 +24,15 @@ def test_checked_in_trial_template_is_current() -> None:
         "katib/base/experiment.yaml's trialSpec is stale: run `arrcoc compile` and commit the diff"
 
 
+def test_checked_in_team_scheduling_patches_are_current() -> None:
+    teams = katib_trial_spec.team_overlays()
+    assert teams == ["team-research", "team-vision"]
+    for team in teams:
+        path = katib_trial_spec.OVERLAYS / team / katib_trial_spec.SCHEDULING_PATCH
+        fresh = katib_trial_spec.scheduling_patch(katib_trial_spec.rendered_team_config(team))
+        assert path.read_text() == fresh, f"{path} is stale: run `arrcoc compile` and commit the diff"
+
+
 def test_trial_is_the_builders_job_with_katib_placeholders() -> None:
     exp = read_experiment(EXPERIMENT)
     job = render_trial(exp, "arrcoc-tensions-001", {p.name: "37" for p in exp.parameters}, namespace="team-vision")
@@ -64,8 +73,16 @@ def test_compile_regenerates_every_generated_file(tmp_path: Path, monkeypatch, c
     experiment.write_text(head + "    trialSpec: {}\n")
     monkeypatch.setattr(katib_trial_spec, "EXPERIMENT", experiment)
     monkeypatch.setattr(compile_module, "EXAMPLES_DIR", tmp_path / "examples")
+    overlays = tmp_path / "overlays"
+    for team in katib_trial_spec.team_overlays():
+        (overlays / team / "wired").mkdir(parents=True)
+        (overlays / team / "kustomization.yaml").write_text("{}\n")
+    monkeypatch.setattr(katib_trial_spec, "OVERLAYS", overlays)
     assert main(["compile", "--out-dir", str(tmp_path / "compiled")]) == 0
     assert experiment.read_text() == EXPERIMENT.read_text()
+    for team in katib_trial_spec.team_overlays():
+        generated = (overlays / team / katib_trial_spec.SCHEDULING_PATCH).read_text()
+        assert generated == (EXPERIMENT.parents[1] / "overlays" / team / katib_trial_spec.SCHEDULING_PATCH).read_text()
     for name in compile_module.EXAMPLES:
         assert (tmp_path / "examples" / name).read_text() == (compile_module.Path(compile_module.__file__).parent
                                                               / "examples" / name).read_text()
