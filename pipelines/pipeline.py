@@ -66,7 +66,8 @@ def _spot_tolerant(task: dsl.PipelineTask) -> dsl.PipelineTask:
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Prepare data, train the ARR-COC adapter as a PyTorchJob, "
-              "evaluate it with pictures, and register it when relevance_score >= threshold.")
+              "evaluate it with pictures, and register it when gate_metric (relevance_score or vqa_accuracy) "
+              ">= threshold.")
 def arrcoc_train(
     source: str = "synthetic",
     seed: int = DEFAULTS.seed,
@@ -88,6 +89,7 @@ def arrcoc_train(
     train_timeout_minutes: int = 720,
     delete_job: str = "on-success",
     threshold: float = DEFAULT_THRESHOLD,
+    gate_metric: str = "relevance_score",
     model_store: str = CHECKPOINT_MOUNT + "/models",
     report_samples: int = 8,
 ) -> Outputs:
@@ -112,14 +114,15 @@ def arrcoc_train(
     trained.set_caching_options(False)
 
     scored = evaluate(adapter=trained.outputs["adapter"], eval_data=prep.outputs["eval_data"],
-                      report_samples=report_samples, threshold=threshold)
+                      report_samples=report_samples, threshold=threshold, gate_metric=gate_metric)
     _spot_tolerant(_common(scored, "evaluate", "2", "4Gi", 3600))
     kubernetes.use_secret_as_env(scored, secret_name=HF_SECRET, secret_key_to_env={"token": "HF_TOKEN"}, optional=True)
 
     with dsl.If(scored.outputs["Output"] >= threshold, name="relevance-gate"):
         registered = register(adapter=trained.outputs["adapter"], metrics=scored.outputs["metrics"],
                               train_data=prep.outputs["train_data"], eval_data=prep.outputs["eval_data"],
-                              model_store=model_store, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, threshold=threshold)
+                              model_store=model_store, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, threshold=threshold,
+                              gate_metric=gate_metric)
         _common(registered, "register", "500m", "1Gi", 900)
         kubernetes.mount_pvc(registered, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
 

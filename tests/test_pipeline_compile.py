@@ -82,6 +82,10 @@ def test_gate_guards_register(fresh):
                          "inputs.parameter_values['pipelinechannel--threshold']")
     assert "register" in spec["components"]["comp-condition-1"]["dag"]["tasks"]
     assert "register" not in spec["root"]["dag"]["tasks"]
+    # the gate compares the evaluate step's return, which is the pipeline's gate_metric
+    assert spec["root"]["inputDefinitions"]["parameters"]["gate_metric"]["defaultValue"] == "relevance_score"
+    gated = spec["root"]["dag"]["tasks"]["evaluate"]["inputs"]["parameters"]["gate_metric"]
+    assert gated["componentInputParameter"] == "gate_metric"
 
 
 def test_components_run_offline_in_the_trainer_image(fresh):

@@ -236,3 +236,30 @@ def test_a_failed_local_job_fails_the_step_with_its_reason(tmp_path):
                      params={"steps": 0}, workers=0)
     assert "steps=0" in (tmp_path / "task" / "job" / "master.log").read_text()
     assert not (tmp_path / "task" / "adapter").exists()
+
+
+def test_gate_reads_the_chosen_metric_and_names_a_missing_one():
+    from pipelines.components.scoring import GateMetricError, gate_value
+
+    synthetic = {"relevance_score": 0.61, "answer_accuracy": 0.3}
+    vqav2 = {"vqa_accuracy": 0.42, "visual_tokens": 64.0}  # VQAv2: no boxes, so no relevance_score
+    assert gate_value(synthetic, "relevance_score") == 0.61
+    assert gate_value(vqav2, "vqa_accuracy") == 0.42
+    for metrics, metric, says in ((vqav2, "relevance_score", "vqa_accuracy"),
+                                  ({**vqav2, "relevance_score": float("nan")}, "relevance_score", "vqa_accuracy"),
+                                  (synthetic, "vqa_accuracy", "relevance_score"),
+                                  (synthetic, "accuracy", "relevance_score, vqa_accuracy")):
+        with pytest.raises(GateMetricError) as caught:
+            gate_value(metrics, metric)
+        message = str(caught.value)
+        assert message.startswith(f"gate_metric={metric!r}") and says in message and "\n" not in message
+        assert caught.value.exit_code == 2
+    summary = markdown_summary(vqav2, {}, {}, 0.4, gate_metric="vqa_accuracy")
+    assert "vqa_accuracy **0.4200** passes the gate (threshold 0.4)" in summary
+
+
+def test_model_card_names_the_gate_metric(tmp_path):
+    path = register_model(_adapter(tmp_path), tmp_path / "store", "run-1", {"vqa_accuracy": 0.5}, 0.4, {},
+                          gate_metric="vqa_accuracy")
+    assert json.loads((path / "model_card.json").read_text())["gate"] == {"metric": "vqa_accuracy", "threshold": 0.4}
+    assert "Gate: vqa_accuracy >= 0.4." in (path / "MODEL_CARD.md").read_text()
