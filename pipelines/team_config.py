@@ -15,10 +15,15 @@ Contract with kustomize/ (every value is a string, as in any ConfigMap):
     checkpointPVC      PVC name, used when checkpointBucket is ""
     backoffLimit       int >= 0
     priorityClassName  "" = none
+    baseModel          optional: the trainer's --base-model (tiny | a path under /data | a hub id); "" = tiny
+    dataBucket         optional: GCS bucket of models and datasets, mounted read-only at /data; "" = none
+    trainData          optional: --train-data of Katib trials (a path under /data); "" = synthetic scenes
+    evalData           optional: --eval-data of Katib trials (a path under /data); "" = synthetic scenes
 
 The same ConfigMap reaches three readers: the PyTorchJob builder (from_file / from_configmap), the KFP train
-step (from_env: kfp.kubernetes.use_config_map_as_env maps each key to the env name in ENV_NAMES) and the Katib
-trial templates. Bad input raises TeamConfigError (exit code 2) with one line naming the key.
+step (from_env: kfp.kubernetes.use_config_map_as_env maps each key to the env name in ENV_NAMES; the optional
+keys through a second, optional mapping, so a ConfigMap without them still starts the pod) and the Katib
+trial templates (generated per team by `arrcoc compile`). Bad input raises TeamConfigError (exit code 2) with one line naming the key.
 """
 from __future__ import annotations
 
@@ -58,7 +63,15 @@ KEYS: dict[str, str] = {
     "checkpointPVC": "checkpoint_pvc",
     "backoffLimit": "backoff_limit",
     "priorityClassName": "priority_class_name",
+    "baseModel": "base_model",
+    "dataBucket": "data_bucket",
+    "trainData": "train_data",
+    "evalData": "eval_data",
 }
+# Keys a ConfigMap may leave out ("" then).
+OPTIONAL_KEYS = ("baseModel", "dataBucket", "trainData", "evalData")
+# Where every pod that reads the team's models and datasets (prepare-data, each replica, evaluate) sees dataBucket.
+DATA_MOUNT = "/data"
 
 
 def _env_name(key: str) -> str:
@@ -72,6 +85,8 @@ ENV_NAMES: dict[str, str] = {key: _env_name(key) for key in KEYS}
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+# Katib's metrics collector runs the trial command through `sh -c`: no space or quote may reach its arguments.
+_ARGUMENT = re.compile(r"[^\s'\"\\]+")
 # kustomize's configMapGenerator appends a content hash unless disableNameSuffixHash is set.
 _GENERATED_NAME = re.compile(re.escape(CONFIGMAP_NAME) + r"(-[a-z0-9]{10})?")
 
@@ -97,6 +112,10 @@ class TeamConfig:
     checkpoint_pvc: str = ""
     backoff_limit: int = 3
     priority_class_name: str = ""
+    base_model: str = ""
+    data_bucket: str = ""
+    train_data: str = ""
+    eval_data: str = ""
 
     # ---------------------------------------------------------------- readers
 
@@ -111,6 +130,7 @@ class TeamConfig:
         unknown = [k for k in data if k not in KEYS]
         if unknown:
             raise TeamConfigError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {', '.join(KEYS)}")
+        data = {**{k: "" for k in OPTIONAL_KEYS}, **data}
         missing = [k for k in KEYS if k not in data]
         if missing:
             raise TeamConfigError(f"{source}: missing key {missing[0]!r}")
@@ -141,11 +161,16 @@ class TeamConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "TeamConfig":
         """From the env vars that kfp.kubernetes.use_config_map_as_env injects (names in ENV_NAMES)."""
         environ = os.environ if environ is None else environ
-        missing = [key for key, env in ENV_NAMES.items() if env not in environ]
+        missing = [key for key, env in ENV_NAMES.items() if env not in environ and key not in OPTIONAL_KEYS]
         if missing:
             key = missing[0]
             raise TeamConfigError(f"environment: {ENV_NAMES[key]} (team-config key {key}) is not set")
-        return cls.from_configmap({key: environ[env] for key, env in ENV_NAMES.items()}, source="environment")
+        return cls.from_configmap({key: environ[env] for key, env in ENV_NAMES.items() if env in environ},
+                                  source="environment")
+
+    def uses_gcsfuse(self) -> bool:
+        """Whether its pods mount a bucket through the GCS FUSE CSI driver (checkpoints, or models and data)."""
+        return bool(self.checkpoint_bucket or self.data_bucket)
 
     @classmethod
     def local_default(cls) -> "TeamConfig":
@@ -213,14 +238,24 @@ class TeamConfig:
         for key in ("kueueQueue", "checkpointPVC", "priorityClassName"):
             if data[key] and not _DNS_SUBDOMAIN.fullmatch(data[key]):
                 raise fail(key, "must be empty or a Kubernetes object name")
-        if data["checkpointBucket"] and not _BUCKET.fullmatch(data["checkpointBucket"]):
-            raise fail("checkpointBucket", "must be empty or a GCS bucket name (no gs:// prefix)")
+        for key in ("checkpointBucket", "dataBucket"):
+            if data[key] and not _BUCKET.fullmatch(data[key]):
+                raise fail(key, "must be empty or a GCS bucket name (no gs:// prefix)")
+        if data["baseModel"] and not _ARGUMENT.fullmatch(data["baseModel"]):
+            raise fail("baseModel", "must be empty, tiny, a path or a hub id, without spaces or quotes")
+        for key in ("trainData", "evalData"):
+            if data[key] and (not _ARGUMENT.fullmatch(data[key]) or not data[key].startswith(DATA_MOUNT + "/")):
+                raise fail(key, f"must be empty or a path under {DATA_MOUNT}/ (where dataBucket is mounted)")
+            if data[key] and not data["dataBucket"]:
+                raise fail(key, f"needs dataBucket: {DATA_MOUNT} is where that bucket is mounted")
         config = cls(
             team=team, capacity=data["capacity"], gpu_type=data["gpuType"], gpus_per_replica=ints["gpusPerReplica"],
             cpu_per_replica=data["cpuPerReplica"], memory_per_replica=data["memoryPerReplica"],
             node_selector=dict(selector), tolerations=list(tolerations), kueue_queue=data["kueueQueue"],
             checkpoint_bucket=data["checkpointBucket"], checkpoint_pvc=data["checkpointPVC"],
             backoff_limit=ints["backoffLimit"], priority_class_name=data["priorityClassName"],
+            base_model=data["baseModel"], data_bucket=data["dataBucket"], train_data=data["trainData"],
+            eval_data=data["evalData"],
         )
         # capacity/gpuType and an explicit nodeSelector must not disagree, or pods would never schedule.
         spot = selector.get(SPOT_LABEL)

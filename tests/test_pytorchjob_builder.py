@@ -118,6 +118,22 @@ def test_bucket_jobs_run_as_the_workload_identity_account_with_sidecar_limits(sc
     assert not [k for k in pvc_pod["metadata"]["annotations"] if k.startswith("gke-gcsfuse/")]
 
 
+def test_data_bucket_is_mounted_read_only_at_the_same_path_in_every_replica() -> None:
+    team = TeamConfig.from_configmap({**TEAM_DATA, "dataBucket": "vision-models"})
+    job = to_manifest(build_pytorchjob("train-a", team=team, workers=2))
+    for rtype in ("Master", "Worker"):
+        volumes = {v["name"]: v for v in pod(job, rtype)["spec"]["volumes"]}
+        assert volumes["data"]["csi"]["readOnly"] is True
+        assert volumes["data"]["csi"]["volumeAttributes"]["bucketName"] == "vision-models"
+        assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == "checkpoints"
+        mounts = {m["name"]: m for m in container(job, rtype)["volumeMounts"]}
+        assert mounts["data"] == {"name": "data", "mountPath": "/data", "readOnly": True}
+        assert pod(job, rtype)["spec"]["serviceAccountName"] == "default-editor"
+        assert pod(job, rtype)["metadata"]["annotations"]["gke-gcsfuse/volumes"] == "true"
+    with pytest.raises(ManifestError, match="dataBucket"):
+        build_pytorchjob("train-a", team=team, checkpoint_mount="/data")
+
+
 def test_local_team_uses_an_empty_dir_and_no_gpu() -> None:
     m = to_manifest(build_pytorchjob("train-a", team=LOCAL_TEAM, workers=0))
     assert "Worker" not in replicas(m)

@@ -93,6 +93,10 @@ def test_local_default() -> None:
     ({"team": "Team_Vision"}, "team"),
     ({"backoffLimit": 3}, "backoffLimit"),
     ({"color": "blue"}, "color"),
+    ({"dataBucket": "gs://models"}, "dataBucket"),
+    ({"baseModel": "/data/my model"}, "baseModel"),
+    ({"dataBucket": "models", "trainData": "/checkpoints/train"}, "trainData"),
+    ({"evalData": "/data/vqav2/eval"}, "evalData"),  # no dataBucket mounted there
 ])
 def test_bad_values_name_the_key(change: dict, key: str) -> None:
     with pytest.raises(TeamConfigError) as info:
@@ -141,3 +145,21 @@ def test_every_team_overlay_renders_a_readable_team_config(tmp_path: Path) -> No
         cfg = TeamConfig.from_file(path)
         assert cfg.team == overlay.name
         assert cfg.checkpoint_bucket or cfg.checkpoint_pvc
+
+
+def test_model_and_data_keys_are_optional_and_reach_the_train_step_env() -> None:
+    """A ConfigMap without the optional keys reads as before; with them, from_env (the KFP train step) sees them
+    under their ENV_NAMES, and without them in the environment it still reads."""
+    from pipelines.team_config import OPTIONAL_KEYS
+
+    plain = TeamConfig.from_configmap(configmap(GOOD))
+    assert (plain.base_model, plain.data_bucket, plain.train_data, plain.eval_data) == ("", "", "", "")
+    assert not plain.uses_gcsfuse()
+    data = {**GOOD, "baseModel": "/data/models/qwen2.5-vl-3b", "dataBucket": "team-vision-models",
+            "trainData": "/data/vqav2/train", "evalData": "/data/vqav2/eval"}
+    full = TeamConfig.from_configmap(configmap(data))
+    assert full.uses_gcsfuse() and full.base_model == "/data/models/qwen2.5-vl-3b"
+    assert set(OPTIONAL_KEYS) <= set(ENV_NAMES)
+    assert TeamConfig.from_env({ENV_NAMES[k]: v for k, v in data.items()}) == full
+    assert TeamConfig.from_env({ENV_NAMES[k]: v for k, v in GOOD.items()}) == plain
+    assert TeamConfig.from_configmap(full.to_configmap_data()) == full
