@@ -4,7 +4,11 @@ The same function runs on a cluster (compiled by `arrcoc compile`, uploaded in t
 and on a laptop (`arrcoc demo`: kfp.local, backend "local"). Task-level Kubernetes settings (kfp.kubernetes)
 compile into the platform spec, the second YAML document; kfp.local ignores them. Why each one is there:
 
-- team-config as env on train: the PyTorchJob builder reads the team's scheduling from it (TeamConfig.from_env).
+- team-config as env on train: the PyTorchJob builder reads the team's scheduling from it (TeamConfig.from_env);
+  its optional keys come through a second mapping marked optional, which leaves a key the ConfigMap lacks unset
+  instead of failing the pod (KFP's driver copies `optional` onto each configMapKeyRef:
+  backend/src/v2/driver/k8s.go).
+- base_model "" takes the team-config's baseModel (tiny when that is empty too).
 - the checkpoint PVC on train, register and prepare-data: train stages the datasets where the replicas read
   them (see components/train.py), register writes the model store, prepare-data can read an image folder
   kept on the team volume.
@@ -31,7 +35,7 @@ from pipelines.components.register import register
 from pipelines.components.train import train
 from pipelines.components.training import MAX_TIMEOUT_MINUTES
 from pipelines.pytorchjob import CHECKPOINT_MOUNT, RUN_AS_USER
-from pipelines.team_config import CONFIGMAP_NAME, ENV_NAMES, SPOT_LABEL
+from pipelines.team_config import CONFIGMAP_NAME, ENV_NAMES, OPTIONAL_KEYS, SPOT_LABEL
 from trainer.config import TrainConfig
 
 PIPELINE_NAME = "arrcoc-train"
@@ -107,7 +111,10 @@ def arrcoc_train(
     )
     # The launcher only waits; its own timeout outlives the job's longest allowed deadline.
     _common(trained, "train", "500m", "1Gi", (MAX_TIMEOUT_MINUTES + 30) * 60)
-    kubernetes.use_config_map_as_env(trained, config_map_name=CONFIGMAP_NAME, config_map_key_to_env=dict(ENV_NAMES))
+    kubernetes.use_config_map_as_env(trained, config_map_name=CONFIGMAP_NAME, config_map_key_to_env={
+        key: env for key, env in ENV_NAMES.items() if key not in OPTIONAL_KEYS})
+    kubernetes.use_config_map_as_env(trained, config_map_name=CONFIGMAP_NAME, optional=True,
+                                     config_map_key_to_env={key: ENV_NAMES[key] for key in OPTIONAL_KEYS})
     kubernetes.mount_pvc(trained, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
     kubernetes.add_node_affinity(trained, match_expressions=[{"key": SPOT_LABEL, "operator": "DoesNotExist"}])
     # A cached train step would skip the PyTorchJob; the run id input already differs per run, this says so.

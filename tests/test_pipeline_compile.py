@@ -7,7 +7,7 @@ import yaml
 from pipelines.cli import main
 from pipelines.compile import COMPILED_DIR, PIPELINES, compile_to, documents
 from pipelines.components import BASE_IMAGE
-from pipelines.team_config import ENV_NAMES, SPOT_LABEL
+from pipelines.team_config import ENV_NAMES, OPTIONAL_KEYS, SPOT_LABEL
 
 CHECKED_IN = COMPILED_DIR / "arrcoc_train.yaml"
 
@@ -39,10 +39,12 @@ def executors(fresh) -> dict:
 
 def test_team_config_reaches_the_train_step_as_env(fresh):
     train = executors(fresh)["exec-train"]
-    (config_map,) = train["configMapAsEnv"]
-    assert config_map["configMapName"] == "team-config"
-    assert {e["configMapKey"]: e["envVar"] for e in config_map["keyToEnv"]} == ENV_NAMES
-    assert not config_map.get("optional", False)
+    required, optional = train["configMapAsEnv"]
+    assert required["configMapName"] == optional["configMapName"] == "team-config"
+    assert not required.get("optional", False) and optional["optional"] is True
+    to_env = [{e["configMapKey"]: e["envVar"] for e in m["keyToEnv"]} for m in (required, optional)]
+    assert {**to_env[0], **to_env[1]} == ENV_NAMES
+    assert set(to_env[1]) == set(OPTIONAL_KEYS)  # a ConfigMap without them still starts the pod
 
 
 @pytest.mark.parametrize("executor", ["exec-train", "exec-register", "exec-prepare-data"])

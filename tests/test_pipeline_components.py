@@ -194,7 +194,7 @@ def test_cluster_branch_stages_data_launches_one_job_and_collects_the_adapter(mo
 
     mount = tmp_path / "checkpoints"  # stands in for the PVC mounted at /checkpoints in the step's pod
     monkeypatch.setattr(pipelines.pytorchjob, "CHECKPOINT_MOUNT", str(mount))
-    _cluster_env(monkeypatch)
+    _cluster_env(monkeypatch, baseModel="/data/models/qwen2.5-vl-3b", dataBucket="vision-models")
     prepare("synthetic", 0, 4, 2, tmp_path / "t", tmp_path / "e")
     seen = {}
 
@@ -212,7 +212,7 @@ def test_cluster_branch_stages_data_launches_one_job_and_collects_the_adapter(mo
     monkeypatch.setattr(pipelines.launcher.ClusterBackend, "run", fake_run)
     metrics = run_training(backend="cluster", run_id="run-7", train_dir=str(tmp_path / "t"),
                            eval_dir=str(tmp_path / "e"), adapter_dir=str(tmp_path / "adapter"),
-                           job_dir=str(tmp_path / "job"), params={"steps": 3}, workers=2,
+                           job_dir=str(tmp_path / "job"), params={"steps": 3, "base_model": ""}, workers=2,
                            checkpoint_pvc="checkpoints", timeout_minutes=5, delete_policy="always")
     assert metrics["relevance_score"] == 0.5
     assert seen["timeout"] == 300 and seen["delete"] == "always"
@@ -221,6 +221,10 @@ def test_cluster_branch_stages_data_launches_one_job_and_collects_the_adapter(mo
     args = spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--train-data") + 1] == f"{mount}/run-7/data/train"
     assert args[args.index("--out") + 1] == f"{mount}/run-7"
+    # base_model "" is the team-config's baseModel, which the replicas read from the team's bucket at /data
+    assert args[args.index("--base-model") + 1] == "/data/models/qwen2.5-vl-3b"
+    mounts = spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": "data", "mountPath": "/data", "readOnly": True} in mounts
     assert load_dataset(mount / "run-7" / "data" / "train")["images"].shape[0] == 4  # staged before launch
     assert (tmp_path / "adapter" / "arrcoc_config.json").is_file()
     assert (tmp_path / "job" / "master.log").read_text() == "relevance_score=0.5\n"
