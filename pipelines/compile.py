@@ -2,7 +2,7 @@
 
 - pipelines/compiled/*.yaml: the compiled pipeline(s), the files users upload in the KFP UI;
 - katib/base/experiment.yaml below its marker line: the trial template's PyTorchJob (pipelines/katib_trial_spec.py);
-- katib/overlays/<team>/wired/scheduling.yaml: the team's trial tolerations and node selector, from its team-config;
+- katib/overlays/<team>/wired/from-team-config.yaml: the team's trial settings, from its team-config;
 - pipelines/examples/*.yaml: example PyTorchJobs, rendered by `arrcoc pytorchjob render` with EXAMPLES' arguments.
 
 Tests fail when any of them is stale (test_pipeline_compile.py, test_katib_trial_spec.py,
@@ -87,10 +87,11 @@ def run(args: argparse.Namespace) -> int:
     experiment = katib_trial_spec.EXPERIMENT
     write_text_atomic(experiment, katib_trial_spec.generate(experiment.read_text()))
     print(f"generated the trial template -> {experiment}")
+    head = katib_trial_spec.split(experiment.read_text())[1]
     for team in katib_trial_spec.team_overlays():
-        path = katib_trial_spec.OVERLAYS / team / katib_trial_spec.SCHEDULING_PATCH
-        write_text_atomic(path, katib_trial_spec.scheduling_patch(katib_trial_spec.rendered_team_config(team)))
-        print(f"generated {team}'s trial scheduling -> {path}")
+        path = katib_trial_spec.OVERLAYS / team / katib_trial_spec.TEAM_PATCH
+        write_text_atomic(path, katib_trial_spec.team_patch(head, katib_trial_spec.rendered_team_config(team)))
+        print(f"generated {team}'s trial settings -> {path}")
     for name, argv in EXAMPLES.items():
         path = EXAMPLES_DIR / name
         before, after = argv[:argv.index("--")], argv[argv.index("--"):]

@@ -221,8 +221,8 @@ def _pod_template(image: str, args: list[str], nproc: str, team: TeamConfig, lab
     if team.uses_gcsfuse():
         annotations["gke-gcsfuse/volumes"] = "true"
         annotations.update(GCSFUSE_SIDECAR_LIMITS)
-    volumes = [_checkpoint_volume(team),
-               k8s.V1Volume(name=SHM_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_size))]
+    shm = k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_size)
+    volumes = [_checkpoint_volume(team), k8s.V1Volume(name=SHM_VOLUME, empty_dir=shm)]
     mounts = [k8s.V1VolumeMount(name=CHECKPOINT_VOLUME, mount_path=checkpoint_mount.rstrip("/")),
               k8s.V1VolumeMount(name=SHM_VOLUME, mount_path="/dev/shm")]
     if team.data_bucket:

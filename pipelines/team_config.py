@@ -23,7 +23,8 @@ Contract with kustomize/ (every value is a string, as in any ConfigMap):
 The same ConfigMap reaches three readers: the PyTorchJob builder (from_file / from_configmap), the KFP train
 step (from_env: kfp.kubernetes.use_config_map_as_env maps each key to the env name in ENV_NAMES; the optional
 keys through a second, optional mapping, so a ConfigMap without them still starts the pod) and the Katib
-trial templates (generated per team by `arrcoc compile`). Bad input raises TeamConfigError (exit code 2) with one line naming the key.
+trial templates (generated per team by `arrcoc compile`).
+Bad input raises TeamConfigError (exit code 2) with one line naming the key.
 """
 from __future__ import annotations
 

@@ -24,13 +24,42 @@ def test_checked_in_trial_template_is_current() -> None:
         "katib/base/experiment.yaml's trialSpec is stale: run `arrcoc compile` and commit the diff"
 
 
-def test_checked_in_team_scheduling_patches_are_current() -> None:
+def test_checked_in_team_patches_are_current() -> None:
     teams = katib_trial_spec.team_overlays()
     assert teams == ["team-research", "team-vision"]
+    _, head = katib_trial_spec.split(EXPERIMENT.read_text())
     for team in teams:
-        path = katib_trial_spec.OVERLAYS / team / katib_trial_spec.SCHEDULING_PATCH
-        fresh = katib_trial_spec.scheduling_patch(katib_trial_spec.rendered_team_config(team))
+        path = katib_trial_spec.OVERLAYS / team / katib_trial_spec.TEAM_PATCH
+        fresh = katib_trial_spec.team_patch(head, katib_trial_spec.rendered_team_config(team))
         assert path.read_text() == fresh, f"{path} is stale: run `arrcoc compile` and commit the diff"
+
+
+def test_a_teams_trial_reads_its_base_model_and_data_from_team_config() -> None:
+    """baseModel, trainData, evalData become trainer flags; dataBucket a read-only /data mount on every replica,
+    with the Workload Identity account and sidecar limits; all of it lands in the team's patch."""
+    _, head = katib_trial_spec.split(EXPERIMENT.read_text())
+    base = TeamConfig.from_file(katib_trial_spec.BASE_TEAM_CONFIG)
+    data = {**base.to_configmap_data(), "baseModel": "/data/models/qwen2.5-vl-3b", "dataBucket": "team-models",
+            "trainData": "/data/vqav2/train", "evalData": "/data/vqav2/eval"}
+    team = TeamConfig.from_configmap(data)
+    ops = yaml.safe_load(katib_trial_spec.team_patch(head, team))
+    for rtype in ("Master", "Worker"):
+        prefix = f"/spec/trialTemplate/trialSpec/spec/pytorchReplicaSpecs/{rtype}/template"
+        value = {op["path"].removeprefix(prefix): op["value"] for op in ops if op["path"].startswith(prefix)}
+        args = value["/spec/containers/0/args"]
+        flags = dict(zip(args[::2], args[1::2]))
+        assert flags["--base-model"] == "/data/models/qwen2.5-vl-3b"
+        assert (flags["--train-data"], flags["--eval-data"]) == ("/data/vqav2/train", "/data/vqav2/eval")
+        assert args.count("--base-model") == 1
+        assert {"name": "data", "mountPath": "/data", "readOnly": True} in value["/spec/containers/0/volumeMounts"]
+        assert any(v.get("csi", {}).get("volumeAttributes", {}).get("bucketName") == "team-models"
+                   for v in value["/spec/volumes"])
+        assert value["/spec/serviceAccountName"] == "default-editor"
+        assert value["/metadata/annotations"]["gke-gcsfuse/memory-limit"]
+    # the base team-config sets none of it: synthetic scenes, the tiny base, no bucket
+    plain = katib_trial_spec.trial_spec(head)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    assert "--train-data" not in plain["spec"]["containers"][0]["args"]
+    assert "serviceAccountName" not in plain["spec"]
 
 
 def test_trial_is_the_builders_job_with_katib_placeholders() -> None:
@@ -81,8 +110,8 @@ def test_compile_regenerates_every_generated_file(tmp_path: Path, monkeypatch, c
     assert main(["compile", "--out-dir", str(tmp_path / "compiled")]) == 0
     assert experiment.read_text() == EXPERIMENT.read_text()
     for team in katib_trial_spec.team_overlays():
-        generated = (overlays / team / katib_trial_spec.SCHEDULING_PATCH).read_text()
-        assert generated == (EXPERIMENT.parents[1] / "overlays" / team / katib_trial_spec.SCHEDULING_PATCH).read_text()
+        generated = (overlays / team / katib_trial_spec.TEAM_PATCH).read_text()
+        assert generated == (EXPERIMENT.parents[1] / "overlays" / team / katib_trial_spec.TEAM_PATCH).read_text()
     for name in compile_module.EXAMPLES:
         assert (tmp_path / "examples" / name).read_text() == (compile_module.Path(compile_module.__file__).parent
                                                               / "examples" / name).read_text()

@@ -33,7 +33,8 @@ def card_markdown(card: dict) -> str:
     lines = ["# ARR-COC adapter", "", f"Registered from KFP run `{card['lineage'].get('run_id')}`.", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in card["metrics"].items()]
-    lines += ["", f"Gate: {card['gate']['metric']} >= {card['gate']['threshold']:g}.", "", "| tension | value |", "|---|---|"]
+    lines += ["", f"Gate: {card['gate']['metric']} >= {card['gate']['threshold']:g}.", "",
+              "| tension | value |", "|---|---|"]
     lines += [f"| {k} | {v:g} |" for k, v in card["tensions"].items()]
     lines += ["", "Lineage:", ""] + [f"- {k}: `{v}`" for k, v in card["lineage"].items()]
     return "\n".join(lines) + "\n"
