@@ -1,7 +1,8 @@
 """The evaluate step's work: the adapter's metrics on the prepared eval set, and the pictures to look at.
 
 The gate metric it returns (relevance_score or vqa_accuracy) is what the gate compares with the threshold. The eval
-set is the one prepare-data wrote (every scene counted once); a random-allocation baseline on the same scenes gives the floor.
+set is the one prepare-data wrote (every scene counted once); a random-allocation baseline on the same scenes gives
+the floor.
 """
 from __future__ import annotations
 
