@@ -85,6 +85,9 @@ def arrcoc_train(
     focus_vs_diversify: float = DEFAULTS.focus_vs_diversify,
     base_model: str = DEFAULTS.base_model,
     strategy: str = DEFAULTS.strategy,
+    token_fraction: float = DEFAULTS.token_fraction,
+    token_budget: int = DEFAULTS.token_budget,
+    max_bad_fraction: float = DEFAULTS.max_bad_fraction,
     workers: int = 1,
     nproc_per_node: str = "",
     image: str = BASE_IMAGE,
@@ -108,6 +111,7 @@ def arrcoc_train(
         steps=steps, batch_size=batch_size, lr=lr, eval_size=eval_size, seed=seed,
         compress_vs_particularize=compress_vs_particularize, exploit_vs_explore=exploit_vs_explore,
         focus_vs_diversify=focus_vs_diversify, base_model=base_model, strategy=strategy,
+        token_fraction=token_fraction, token_budget=token_budget, max_bad_fraction=max_bad_fraction,
     )
     # The launcher only waits; its own timeout outlives the job's longest allowed deadline.
     _common(trained, "train", "500m", "1Gi", (MAX_TIMEOUT_MINUTES + 30) * 60)

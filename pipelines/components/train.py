@@ -10,7 +10,7 @@ def train(train_data: Input[Dataset], eval_data: Input[Dataset], adapter: Output
           backend: str, run_id: str, image: str, workers: int, nproc_per_node: str, checkpoint_pvc: str,
           timeout_minutes: int, delete_policy: str, steps: int, batch_size: int, lr: float, eval_size: int,
           seed: int, compress_vs_particularize: float, exploit_vs_explore: float, focus_vs_diversify: float,
-          base_model: str, strategy: str):
+          base_model: str, strategy: str, token_fraction: float, token_budget: int, max_bad_fraction: float):
     """Train the adapter as one PyTorchJob (Master + `workers` Workers); the adapter is the output Model."""
     from pipelines.components.training import job_name_for, run_training
 
@@ -18,7 +18,8 @@ def train(train_data: Input[Dataset], eval_data: Input[Dataset], adapter: Output
     params = {"steps": steps, "batch_size": batch_size, "lr": lr, "eval_size": eval_size,
               "eval_every": steps, "seed": seed, "compress_vs_particularize": compress_vs_particularize,
               "exploit_vs_explore": exploit_vs_explore, "focus_vs_diversify": focus_vs_diversify,
-              "base_model": base_model, "strategy": strategy}
+              "base_model": base_model, "strategy": strategy, "token_fraction": token_fraction,
+              "token_budget": token_budget, "max_bad_fraction": max_bad_fraction}
     metrics = run_training(backend=backend, run_id=run_id, train_dir=train_data.path, eval_dir=eval_data.path,
                            adapter_dir=adapter.path, job_dir=job.path, params=params, image=image,
                            workers=workers, nproc_per_node=nproc_per_node, checkpoint_pvc=checkpoint_pvc,
