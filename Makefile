@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-all bench lint compile validate crds clean
+.PHONY: install demo test test-all bench bench-gpu lint compile validate crds clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+# The trainer's step on every GPU of this node (torchrun, one process per GPU); on a machine without one, a
+# few tiny CPU steps that say they are not GPU figures. Extra flags: make bench-gpu ARGS="--precision fp32".
+GPUS = $(shell nvidia-smi -L 2>/dev/null | wc -l)
+bench-gpu: $(STAMP)
+	if [ "$(GPUS)" -gt 1 ]; then $(BIN)/python -m torch.distributed.run --nproc-per-node $(GPUS) bench/gpu_step.py $(ARGS); \
+	else $(BIN)/python bench/gpu_step.py $(ARGS); fi
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -11,7 +11,9 @@ SCRIPTS = [
     "throughput.py",  # trainer overhead vs a bare torch loop
     "learning.py",  # 300-step learning bar vs untrained and random allocation
     "tension_sweep.py",  # do the tensions matter
-    "texture_bench.py",  # data-prep images/s and peak memory vs the reference per-image loop
+    "device_texture.py",  # batched textures on the training device vs the notes' per-image float64 loop
+    "input_pipeline.py",  # DataLoader samples/s vs what the trainer consumes
+    "gpu_step.py",  # samples/s, tokens/s, MFU, peak memory (on a CPU: a tiny run that says so)
     "pipeline_bench.py",  # compile time and local demo wall time
     "preemption_drill.py",  # SIGTERM/SIGKILL of a replica: steps lost, recovery time, final metrics
     "katib_bo_vs_random.py",  # trials to 95% of the grid's best, Bayesian vs random

@@ -1,4 +1,4 @@
-"""The baseline for bench/texture_bench.py: the reference per-image loop from docs/model.md, reproduced as
+"""The baseline for bench/device_texture.py: the reference per-image loop from docs/model.md, reproduced as
 described there (a Python loop over image files; per pixel: rgb/255, cv2 LAB/255, cv2.Sobel CV_64F ksize 3 /255,
 meshgrid coordinates, eccentricity, two zero channels, np.stack to a float64 HxWx13 array; all arrays kept in a
 list, then np.array).

@@ -1,11 +1,12 @@
 """Trainer overhead: `arrcoc train` samples/s against a bare torch loop over the same model and batches.
 
-Both run in this process, one after the other, on the same data stream and batch size. The bare loop is
-only forward/backward/clip/AdamW step; the trainer adds what a real run needs: periodic evaluation,
-atomic checkpoints, metric lines, the stop-flag check. Data generation (synthetic scenes on the fly)
-is in both; its share is reported separately with a loop over one pre-built batch.
+Both run in this process, one after the other, on the same data stream, batch size, precision (bf16 by
+default) and gradient accumulation (2 by default). The bare loop is only forward/backward/clip/AdamW step with
+scenes generated inline; the trainer adds what a real run needs: its DataLoader (worker processes), periodic
+evaluation, atomic checkpoints, metric lines, TensorBoard curves, the stop-flag check. The bare loop over one
+pre-built batch shows the share of data generation.
 
-    .venv/bin/python bench/throughput.py [--steps 200] [--batch-size 32]
+    .venv/bin/python bench/throughput.py [--steps 200] [--batch-size 32] [--precision bf16] [--grad-accum 2]
 """
 from __future__ import annotations
 
@@ -34,17 +35,18 @@ def bare_loop(cfg: TrainConfig, fixed_batch: bool) -> float:
     one = {k: torch.from_numpy(v) for k, v in source.batch(np.arange(cfg.batch_size)).items()}
     began = time.perf_counter()
     for step in range(cfg.steps):
-        batch = one if fixed_batch else {k: torch.from_numpy(v) for k, v in source.batch(
-            np.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size)).items()}
-        noise = gumbel_noise(torch.Size((cfg.batch_size, cfg.grid ** 2)), cfg,
-                             torch.Generator().manual_seed(step_seed(cfg, step, 0)))
-        loss = model(batch, noise=noise)["loss"]
-        loss.backward()
+        for micro in range(cfg.grad_accum):
+            first = (step * cfg.grad_accum + micro) * cfg.batch_size
+            batch = one if fixed_batch else {k: torch.from_numpy(v) for k, v in source.batch(
+                np.arange(first, first + cfg.batch_size)).items()}
+            noise = gumbel_noise(torch.Size((cfg.batch_size, cfg.grid ** 2)), cfg,
+                                 torch.Generator().manual_seed(step_seed(cfg, step, 0, micro)))
+            (model(batch, noise=noise)["loss"] / cfg.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return cfg.steps * cfg.batch_size / (time.perf_counter() - began)
+    return cfg.steps * cfg.batch_size * cfg.grad_accum / (time.perf_counter() - began)
 
 
 def trainer_rate(cfg: TrainConfig) -> float:
@@ -52,7 +54,7 @@ def trainer_rate(cfg: TrainConfig) -> float:
         cfg = TrainConfig(**{**cfg.to_dict(), "out": tmp, "resume": "never"})
         began = time.perf_counter()
         train_quietly(cfg)
-        return cfg.steps * cfg.batch_size / (time.perf_counter() - began)
+        return cfg.steps * cfg.batch_size * cfg.grad_accum / (time.perf_counter() - began)
 
 
 def main() -> None:
@@ -60,10 +62,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--grad-accum", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)  # both sides on one core, so other load on the machine matters less
     # The trainer's own defaults for evaluation and checkpoint cadence (every 100 and 50 steps).
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, precision=args.precision,
+                      grad_accum=args.grad_accum)
     bare, trainer, fixed = [], [], []
     for _ in range(args.repeats):  # interleaved: each trainer run is compared with the bare run next to it
         bare.append(bare_loop(cfg, fixed_batch=False))
@@ -78,7 +83,8 @@ def main() -> None:
         ["bare loop on one pre-built batch", statistics.median(fixed), statistics.median(fixed_ratios)],
     ]))
     print(f"trainer overhead: {100 * (1 - statistics.median(ratios)):.1f}% of bare-loop throughput (paired ratios "
-          f"{ratios[0]:.3f}-{ratios[-1]:.3f}; {args.steps} steps, batch {args.batch_size}, 1 thread, "
+          f"{ratios[0]:.3f}-{ratios[-1]:.3f}; {args.steps} steps, batch {args.batch_size} x {args.grad_accum} "
+          f"accumulation, {args.precision}, 1 thread, "
           f"{args.repeats} pairs)")
 
 

@@ -40,7 +40,8 @@ def bare_loop(cfg: TrainConfig) -> float:
     model = get_peft_model(base, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                             target_modules=LM_LINEAR))
     tokenizer, image_processor = load_processors(cfg.base_model)
-    source = VqaSource(cfg.train_data, VlmCollator(tokenizer, image_processor, base.config), cfg.max_bad_fraction)
+    collate = VlmCollator(tokenizer, image_processor, base.config, base.model.get_rope_index)
+    source = VqaSource(cfg.train_data, collate, cfg.max_bad_fraction)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))

@@ -84,7 +84,10 @@ def arrcoc_train(
     exploit_vs_explore: float = DEFAULTS.exploit_vs_explore,
     focus_vs_diversify: float = DEFAULTS.focus_vs_diversify,
     base_model: str = DEFAULTS.base_model,
-    strategy: str = DEFAULTS.strategy,
+    strategy: str = "",  # "": the team-config's trainStrategy (ddp unless set)
+    precision: str = "",  # "": the team-config's trainPrecision (bf16 on GPUs that have it, else fp32)
+    grad_accum: int = DEFAULTS.grad_accum,
+    activation_checkpointing: bool = DEFAULTS.activation_checkpointing,
     token_fraction: float = DEFAULTS.token_fraction,
     token_budget: int = DEFAULTS.token_budget,
     max_bad_fraction: float = DEFAULTS.max_bad_fraction,
@@ -110,7 +113,8 @@ def arrcoc_train(
         checkpoint_pvc=checkpoint_pvc, timeout_minutes=train_timeout_minutes, delete_policy=delete_job,
         steps=steps, batch_size=batch_size, lr=lr, eval_size=eval_size, seed=seed,
         compress_vs_particularize=compress_vs_particularize, exploit_vs_explore=exploit_vs_explore,
-        focus_vs_diversify=focus_vs_diversify, base_model=base_model, strategy=strategy,
+        focus_vs_diversify=focus_vs_diversify, base_model=base_model, strategy=strategy, precision=precision,
+        grad_accum=grad_accum, activation_checkpointing=activation_checkpointing,
         token_fraction=token_fraction, token_budget=token_budget, max_bad_fraction=max_bad_fraction,
     )
     # The launcher only waits; its own timeout outlives the job's longest allowed deadline.

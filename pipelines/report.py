@@ -83,6 +83,47 @@ def row_png(row: Row, dpi: int = 72) -> bytes:
     return buf.getvalue()
 
 
+def load_curves(adapter_dir) -> dict | None:
+    """The training run's curves saved beside the adapter (trainer.curves.TRAINING_CURVES), or None."""
+    import json
+    from pathlib import Path
+
+    from trainer.curves import TRAINING_CURVES
+
+    try:
+        return json.loads((Path(adapter_dir) / TRAINING_CURVES).read_text())
+    except (OSError, ValueError):
+        return None  # an adapter saved before curves were kept, or by another tool
+
+
+def curves_svg(curves: Mapping[str, list]) -> str:
+    """Training loss and every evaluation metric against the optimizer step, side by side, as inline SVG (line
+    plots stay sharp at any zoom; the page's PNGs are the per-query pictures)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.0))
+    loss = curves.get("loss") or []
+    left.plot([p["step"] for p in loss], [p["loss"] for p in loss], marker=".")
+    left.set_title("training loss", fontsize=9)
+    left.set_xlabel("step", fontsize=8)
+    evals = curves.get("eval") or []
+    for name in (k for k in (evals[0] if evals else {}) if k != "step"):
+        right.plot([e["step"] for e in evals], [e[name] for e in evals], marker="o", label=name)
+    right.set_title("evaluation", fontsize=9)
+    right.set_xlabel("step", fontsize=8)
+    if evals:
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg"):]  # drop the XML prolog and doctype: the SVG sits inside the HTML page
+
+
 def _table(pairs: Sequence[tuple[str, str]]) -> str:
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in pairs)
     return f"<table>{cells}</table>"
@@ -112,7 +153,7 @@ def budget_curve_section(curve: Mapping) -> str:
 
 def html_report(metrics: Mapping[str, float], baseline: Mapping[str, float], tensions: Mapping[str, float],
                 facts: Mapping[str, object], scene_rows: Sequence[Row], folder_rows: Sequence[Row],
-                budget_curve: Mapping | None = None) -> str:
+                curves: Mapping[str, list] | None = None, budget_curve: Mapping | None = None) -> str:
     """The whole page; every picture is embedded (the KFP UI shows an HTML artifact as a single file)."""
     def figures(rows: Sequence[Row]) -> str:
         out = []
@@ -136,6 +177,8 @@ def html_report(metrics: Mapping[str, float], baseline: Mapping[str, float], ten
         "<h2>Tensions</h2>", _table([(k, _fmt(v)) for k, v in tensions.items()]),
         "<h2>Run</h2>", _table([(k, _fmt(v)) for k, v in facts.items()]),
     ]
+    if curves:
+        parts += ["<h2>Training curves</h2>", f"<figure>{curves_svg(curves)}</figure>"]
     if budget_curve:
         parts.append(budget_curve_section(budget_curve))
     if scene_rows or not budget_curve:

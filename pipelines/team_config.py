@@ -15,6 +15,8 @@ Contract with kustomize/ (every value is a string, as in any ConfigMap):
     checkpointPVC      PVC name, used when checkpointBucket is ""
     backoffLimit       int >= 0
     priorityClassName  "" = none
+    trainPrecision     optional: fp32 | bf16, "" or absent = bf16 on a GPU type that has it, else fp32
+    trainStrategy      optional: ddp | deepspeed | fsdp, "" or absent = ddp
     baseModel          optional: the trainer's --base-model (tiny | a path under /data | a hub id); "" = tiny
     dataBucket         optional: GCS bucket of models and datasets, mounted read-only at /data; "" = none
     trainData          optional: --train-data of Katib trials (a path under /data); "" = synthetic scenes
@@ -64,13 +66,19 @@ KEYS: dict[str, str] = {
     "checkpointPVC": "checkpoint_pvc",
     "backoffLimit": "backoff_limit",
     "priorityClassName": "priority_class_name",
+    "trainPrecision": "train_precision",
+    "trainStrategy": "train_strategy",
     "baseModel": "base_model",
     "dataBucket": "data_bucket",
     "trainData": "train_data",
     "evalData": "eval_data",
 }
-# Keys a ConfigMap may leave out ("" then).
-OPTIONAL_KEYS = ("baseModel", "dataBucket", "trainData", "evalData")
+# Keys a ConfigMap may leave out ("" then). The KFP train step maps them to env through a second, optional
+# use_config_map_as_env, so a ConfigMap without them still starts its pod.
+OPTIONAL_KEYS = ("trainPrecision", "trainStrategy", "baseModel", "dataBucket", "trainData", "evalData")
+# GKE accelerators with bf16 tensor cores (L4, A100, H100, H200); others (T4, V100, P100) train in fp32.
+BF16_ACCELERATORS = ("nvidia-l4", "nvidia-tesla-a100", "nvidia-a100-80gb", "nvidia-h100-80gb",
+                     "nvidia-h100-mega-80gb", "nvidia-h200-141gb")
 # Where every pod that reads the team's models and datasets (prepare-data, each replica, evaluate) sees dataBucket.
 DATA_MOUNT = "/data"
 
@@ -80,7 +88,8 @@ def _env_name(key: str) -> str:
 
 
 # ConfigMap key -> env var name (gpusPerReplica -> ARRCOC_TEAM_GPUS_PER_REPLICA, checkpointPVC ->
-# ARRCOC_TEAM_CHECKPOINT_PVC). The pipeline passes exactly this mapping to use_config_map_as_env.
+# ARRCOC_TEAM_CHECKPOINT_PVC). The pipeline passes exactly this mapping to use_config_map_as_env (OPTIONAL_KEYS in
+# a second, optional call).
 ENV_NAMES: dict[str, str] = {key: _env_name(key) for key in KEYS}
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -113,6 +122,8 @@ class TeamConfig:
     checkpoint_pvc: str = ""
     backoff_limit: int = 3
     priority_class_name: str = ""
+    train_precision: str = ""
+    train_strategy: str = ""
     base_model: str = ""
     data_bucket: str = ""
     train_data: str = ""
@@ -172,6 +183,15 @@ class TeamConfig:
     def uses_gcsfuse(self) -> bool:
         """Whether its pods mount a bucket through the GCS FUSE CSI driver (checkpoints, or models and data)."""
         return bool(self.checkpoint_bucket or self.data_bucket)
+
+    def trainer_precision(self) -> str:
+        """--precision for this team's GPUs: bf16 where the accelerator has bf16 tensor cores."""
+        bf16 = self.gpus_per_replica > 0 and self.gpu_type in BF16_ACCELERATORS
+        return self.train_precision or ("bf16" if bf16 else "fp32")
+
+    def trainer_strategy(self) -> str:
+        """--strategy: ddp unless the team set another (fsdp for bases that do not fit replicated)."""
+        return self.train_strategy or "ddp"
 
     @classmethod
     def local_default(cls) -> "TeamConfig":
@@ -239,6 +259,11 @@ class TeamConfig:
         for key in ("kueueQueue", "checkpointPVC", "priorityClassName"):
             if data[key] and not _DNS_SUBDOMAIN.fullmatch(data[key]):
                 raise fail(key, "must be empty or a Kubernetes object name")
+        from trainer.config import PRECISIONS, STRATEGIES
+
+        for key, allowed in (("trainPrecision", PRECISIONS), ("trainStrategy", STRATEGIES)):
+            if data[key] and data[key] not in allowed:
+                raise fail(key, f"is not one of {', '.join(allowed)} (or empty)")
         for key in ("checkpointBucket", "dataBucket"):
             if data[key] and not _BUCKET.fullmatch(data[key]):
                 raise fail(key, "must be empty or a GCS bucket name (no gs:// prefix)")
@@ -255,6 +280,7 @@ class TeamConfig:
             node_selector=dict(selector), tolerations=list(tolerations), kueue_queue=data["kueueQueue"],
             checkpoint_bucket=data["checkpointBucket"], checkpoint_pvc=data["checkpointPVC"],
             backoff_limit=ints["backoffLimit"], priority_class_name=data["priorityClassName"],
+            train_precision=data["trainPrecision"], train_strategy=data["trainStrategy"],
             base_model=data["baseModel"], data_bucket=data["dataBucket"], train_data=data["trainData"],
             eval_data=data["evalData"],
         )

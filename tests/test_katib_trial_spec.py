@@ -40,7 +40,7 @@ def test_a_teams_trial_reads_its_base_model_and_data_from_team_config() -> None:
     _, head = katib_trial_spec.split(EXPERIMENT.read_text())
     base = TeamConfig.from_file(katib_trial_spec.BASE_TEAM_CONFIG)
     data = {**base.to_configmap_data(), "baseModel": "/data/models/qwen2.5-vl-3b", "dataBucket": "team-models",
-            "trainData": "/data/vqav2/train", "evalData": "/data/vqav2/eval"}
+            "trainData": "/data/vqav2/train", "evalData": "/data/vqav2/eval", "trainStrategy": "fsdp"}
     team = TeamConfig.from_configmap(data)
     ops = yaml.safe_load(katib_trial_spec.team_patch(head, team))
     for rtype in ("Master", "Worker"):
@@ -51,6 +51,8 @@ def test_a_teams_trial_reads_its_base_model_and_data_from_team_config() -> None:
         assert flags["--base-model"] == "/data/models/qwen2.5-vl-3b"
         assert (flags["--train-data"], flags["--eval-data"]) == ("/data/vqav2/train", "/data/vqav2/eval")
         assert args.count("--base-model") == 1
+        # strategy as team-config sets it; precision as it defaults for the base's L4 (bf16 tensor cores)
+        assert (flags["--strategy"], flags["--precision"]) == ("fsdp", "bf16")
         assert {"name": "data", "mountPath": "/data", "readOnly": True} in value["/spec/containers/0/volumeMounts"]
         assert any(v.get("csi", {}).get("volumeAttributes", {}).get("bucketName") == "team-models"
                    for v in value["/spec/volumes"])
@@ -58,7 +60,12 @@ def test_a_teams_trial_reads_its_base_model_and_data_from_team_config() -> None:
         assert value["/metadata/annotations"]["gke-gcsfuse/memory-limit"]
     # the base team-config sets none of it: synthetic scenes, the tiny base, no bucket
     plain = katib_trial_spec.trial_spec(head)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
-    assert "--train-data" not in plain["spec"]["containers"][0]["args"]
+    plain_args = plain["spec"]["containers"][0]["args"]
+    assert "--train-data" not in plain_args
+    assert plain_args[plain_args.index("--precision") + 1] == base.trainer_precision() == "bf16"
+    fp32 = TeamConfig.from_configmap({**base.to_configmap_data(), "trainPrecision": "fp32"})
+    fp32_args = katib_trial_spec.trainer_args(head, fp32)
+    assert fp32_args[fp32_args.index("--precision") + 1] == "fp32"
     assert "serviceAccountName" not in plain["spec"]
 
 

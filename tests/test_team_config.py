@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.team_config import ENV_NAMES, KEYS, TeamConfig, TeamConfigError
+from pipelines.team_config import ENV_NAMES, KEYS, OPTIONAL_KEYS, TeamConfig, TeamConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,10 +51,22 @@ def test_data_mapping_and_round_trip() -> None:
 
 
 def test_env_names_cover_every_key_with_one_prefix() -> None:
-    assert set(ENV_NAMES) == set(KEYS)
+    assert set(ENV_NAMES) == set(KEYS)  # the optional ones too: the pipeline maps those with optional=True
     assert ENV_NAMES["gpusPerReplica"] == "ARRCOC_TEAM_GPUS_PER_REPLICA"
     assert ENV_NAMES["checkpointPVC"] == "ARRCOC_TEAM_CHECKPOINT_PVC"
-    assert len(set(ENV_NAMES.values())) == len(KEYS)
+    assert len(set(ENV_NAMES.values())) == len(ENV_NAMES)
+
+
+def test_trainer_precision_and_strategy_follow_the_gpu_type_unless_set() -> None:
+    l4 = TeamConfig.from_configmap(GOOD)
+    assert (l4.trainer_precision(), l4.trainer_strategy()) == ("bf16", "ddp")
+    t4 = TeamConfig.from_configmap({**GOOD, "gpuType": "nvidia-tesla-t4", "nodeSelector": "{}"})
+    assert t4.trainer_precision() == "fp32"
+    assert TeamConfig.local_default().trainer_precision() == "fp32"
+    chosen = TeamConfig.from_configmap({**GOOD, "trainPrecision": "fp32", "trainStrategy": "fsdp"})
+    assert (chosen.trainer_precision(), chosen.trainer_strategy()) == ("fp32", "fsdp")
+    with pytest.raises(TeamConfigError, match="trainStrategy='zero9' is not one of ddp, deepspeed, fsdp"):
+        TeamConfig.from_configmap({**GOOD, "trainStrategy": "zero9"})
 
 
 def test_from_env() -> None:
@@ -150,8 +162,6 @@ def test_every_team_overlay_renders_a_readable_team_config(tmp_path: Path) -> No
 def test_model_and_data_keys_are_optional_and_reach_the_train_step_env() -> None:
     """A ConfigMap without the optional keys reads as before; with them, from_env (the KFP train step) sees them
     under their ENV_NAMES, and without them in the environment it still reads."""
-    from pipelines.team_config import OPTIONAL_KEYS
-
     plain = TeamConfig.from_configmap(configmap(GOOD))
     assert (plain.base_model, plain.data_bucket, plain.train_data, plain.eval_data) == ("", "", "", "")
     assert not plain.uses_gcsfuse()
@@ -163,3 +173,7 @@ def test_model_and_data_keys_are_optional_and_reach_the_train_step_env() -> None
     assert TeamConfig.from_env({ENV_NAMES[k]: v for k, v in data.items()}) == full
     assert TeamConfig.from_env({ENV_NAMES[k]: v for k, v in GOOD.items()}) == plain
     assert TeamConfig.from_configmap(full.to_configmap_data()) == full
+    # trainPrecision and trainStrategy travel the same way into the KFP train step
+    chosen = {**GOOD, "trainPrecision": "fp32", "trainStrategy": "fsdp"}
+    from_env = TeamConfig.from_env({ENV_NAMES[k]: v for k, v in chosen.items()})
+    assert (from_env.trainer_precision(), from_env.trainer_strategy()) == ("fp32", "fsdp")

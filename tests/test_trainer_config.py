@@ -11,7 +11,7 @@ BAD = [
     (["--exploit-vs-explore", "-0.1"], "exploit_vs_explore=-0.1 is outside the allowed range [0, 1]"),
     (["--steps", "0"], "steps=0 must be a positive integer"),
     (["--steps", "-5"], "steps=-5 must be a positive integer"),
-    (["--strategy", "fsdp"], "strategy='fsdp' is not one of ddp, deepspeed"),
+    (["--strategy", "zero9"], "strategy='zero9' is not one of ddp, deepspeed, fsdp"),
     (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
     (["--resume", "/no/such/checkpoint"], "resume='/no/such/checkpoint' must be auto, never or an existing"),
 ]

@@ -13,7 +13,8 @@ import torch
 from trainer.config import TrainConfig
 from trainer.tiny_vlm import FAMILIES, build_tiny_vlm
 from trainer.vlm import ArrCocVLM, kept_count, vlm_type
-from trainer.vqa import VqaSource, budget_curve, curve_table, write_budget_curve, write_scene_jsonl
+from trainer.vqa import (VqaSource, budget_curve, curve_table, evaluate_vqa, write_budget_curve, write_colour_jsonl,
+                         write_scene_jsonl)
 
 from trainer_helpers import REPO, clean_env, free_port, read_metrics, run_trainer, trainer_cmd
 
@@ -111,6 +112,51 @@ def test_budget_curve_table_and_png(world, tmp_path):
     assert json.loads((tmp_path / "budget_curve.json").read_text()) == curve
 
 
+def test_bf16_keeps_the_vlm_base_in_bf16_and_trains_fp32_weights(world):
+    from trainer.distributed import World
+    from trainer.train import build_optimization, train_step
+
+    cfg = cfg_for(world, precision="bf16")
+    torch.manual_seed(0)
+    model = ArrCocVLM(cfg)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    engine, optimizer, scheduler = build_optimization(model, cfg, World())
+    batch = VqaSource(cfg.train_data, model.collate, cfg.max_bad_fraction).batch(range(4))
+    noise = model.training_noise(batch, torch.Generator().manual_seed(0))
+    assert noise.shape == (4, 64)
+    loss = train_step(engine, model, optimizer, scheduler, [batch], [noise], cfg)
+    assert torch.isfinite(loss)
+    moments = [t for s in optimizer.state_dict()["state"].values() for k, t in s.items() if k != "step"]
+    assert moments and all(t.dtype == torch.float32 for t in moments)
+    answers, _ = model.generate(batch)  # the greedy decoding under autocast
+    assert len(answers) == 4
+
+
+def test_a_short_run_learns_to_keep_the_tokens_that_answer_the_question(world, tmp_path):
+    """150 steps on images whose answer is the colour of one boxed cell out of 64, reading a quarter of the
+    tokens: the trained adapter answers better than the untrained model reading every token and better than
+    the trained model reading a random quarter (which misses the cell 3 times in 4)."""
+    root = world[0]
+    train = write_colour_jsonl(tmp_path / "train", 256, seed=0)
+    evals = write_colour_jsonl(tmp_path / "eval", 32, seed=0, offset=1_000_000)
+    out = tmp_path / "run"
+    result = run_trainer("--base-model", str(root / "qwen2_vl"), "--train-data", str(train), "--eval-data",
+                         str(evals), "--steps", "150", "--batch-size", "8", "--eval-size", "32", "--eval-every", "150",
+                         "--checkpoint-every", "150", "--num-workers", "0", "--budget-curve", "0.25", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = read_metrics(out)["vqa_accuracy"]
+    random_selection = json.loads((out / "budget_curve.json").read_text())["rows"][0]["random"]
+    cfg = TrainConfig(base_model=str(root / "qwen2_vl"), eval_data=str(evals), batch_size=8, eval_size=32).validate()
+    torch.manual_seed(cfg.seed)
+    untrained = ArrCocVLM(cfg)
+    untrained_all = evaluate_vqa(untrained, cfg, VqaSource(str(evals), untrained.collate, 0.01), "all")["vqa_accuracy"]
+    assert trained >= random_selection + 0.15, (trained, random_selection)
+    assert trained >= untrained_all + 0.3, (trained, untrained_all)
+
+
 def _args(world, out, steps=4, family="qwen2_vl"):
     root, train, evals = world
     return ["--base-model", str(root / family), "--train-data", str(train), "--eval-data", str(evals),
@@ -148,18 +194,22 @@ def test_training_reports_vqa_lines_and_resumes_exactly_after_sigterm(world, tmp
     assert read_metrics(interrupted) == read_metrics(straight)
 
 
-@pytest.mark.slow  # two trainer processes; the synthetic path's twin of this test runs in make test
-def test_two_processes_with_the_operator_env(world, tmp_path):
-    """What the Training Operator injects for one process per pod (no LOCAL_RANK), on the Qwen-VL path."""
-    out = tmp_path / "ddp"
+@pytest.mark.slow  # two trainer processes; the synthetic path's twins of these runs are tested in make test
+@pytest.mark.parametrize("family, strategy, precision", [("qwen2_5_vl", "ddp", "fp32"), ("qwen2_vl", "fsdp", "bf16")])
+def test_two_processes_with_the_operator_env(world, tmp_path, family, strategy, precision):
+    """What the Training Operator injects for one process per pod (no LOCAL_RANK), on the Qwen-VL path: DDP, and
+    FSDP2 with bf16 (sharded evaluation with generation, the budget curve and the gathered adapter)."""
+    out = tmp_path / "run"
     port = str(free_port())
     envs = [clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(r)) for r in (0, 1)]
-    procs = [subprocess.Popen(trainer_cmd(*_args(world, out, family="qwen2_5_vl")), cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for env in envs]
+    args = [*_args(world, out, family=family), "--strategy", strategy, "--precision", precision]
+    procs = [subprocess.Popen(trainer_cmd(*args), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for env in envs]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "vqa_accuracy=" in outs[0][0] and "vqa_accuracy=" not in outs[1][0]
     assert read_metrics(out)["step"] == 4 and (out / "budget_curve.png").is_file()
+    assert (out / "adapter" / "arrcoc_modules.pt").is_file()
 
 
 def test_evaluate_step_shows_the_budget_curve(world, tmp_path):

@@ -71,20 +71,6 @@ def commit(root: Path, step: int, keep: int) -> Path:
     return final
 
 
-def replace_dir(staged: Path, final: Path) -> Path:
-    """Publish a fully written folder under `final`, replacing what was there: readers see the old folder or
-    the new one, never a mix (the old one is renamed aside first, then the new one renamed in)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(staged, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(staged, final)
-    return final
-
-
 def save_state(directory: Path, state: dict) -> None:
     torch.save(state, directory / "state.pt")
 

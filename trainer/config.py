@@ -13,14 +13,15 @@ from pathlib import Path
 
 import yaml
 
-STRATEGIES = ("ddp", "deepspeed")
+from .errors import UserError
+
+STRATEGIES = ("ddp", "deepspeed", "fsdp")
+PRECISIONS = ("fp32", "bf16")
 TENSIONS = ("compress_vs_particularize", "exploit_vs_explore", "focus_vs_diversify")
 
 
-class ConfigError(ValueError):
-    """Bad user input: printed as one line, exit code 2."""
-
-    exit_code = 2
+class ConfigError(UserError):
+    """A bad flag or config-file value."""
 
 
 @dataclass
@@ -42,6 +43,13 @@ class TrainConfig:
     seed: int = 0
     strategy: str = "ddp"
     deepspeed_config: str = ""  # empty: trainer/ds_zero2.json
+    # GPU execution: none of these change what is learned except precision (bf16 rounding)
+    precision: str = "fp32"  # bf16: autocast forward, frozen base weights in bf16, trainable weights fp32
+    grad_accum: int = 1  # micro-batches per optimizer step; effective batch = batch_size * grad_accum * replicas
+    activation_checkpointing: bool = False  # recompute the base LM's decoder layers in backward
+    compile: bool = False  # torch.compile the model's forward
+    num_workers: int = 2  # DataLoader worker processes: data generation and decoding stay off the loop's thread
+    dist_timeout: int = 1800  # seconds a collective may wait, evaluation and checkpoint saves included
     # data: empty means synthetic scenes generated from the seed; otherwise a prepared dataset directory
     train_data: str = ""
     eval_data: str = ""
@@ -85,11 +93,15 @@ class TrainConfig:
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name}={value} is outside the allowed range [0, 1]")
         for name in ("steps", "batch_size", "eval_every", "eval_size", "checkpoint_every", "keep_checkpoints",
-                     "log_every", "max_answer_tokens"):
+                     "log_every", "max_answer_tokens", "grad_accum", "dist_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers={self.num_workers} must be an integer >= 0 (0: load on the loop's thread)")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
@@ -112,12 +124,14 @@ class TrainConfig:
 
 
 _FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
-_CASTS = {"int": int, "float": float, "str": str}
+_CASTS = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 def _coerce(name: str, value, source: str):
     kind = _FIELD_TYPES[name]
     try:
+        if kind == "bool" and not isinstance(value, bool):
+            raise ValueError
         if kind == "int" and isinstance(value, bool) or kind == "int" and isinstance(value, float) and not value.is_integer():
             raise ValueError
         return _CASTS[kind](value)
@@ -158,6 +172,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs = {"dest": f.name, "default": None, "help": f"(default: {f.default})"}
         if f.name == "strategy":
             kwargs["metavar"] = "{" + ",".join(STRATEGIES) + "}"
+        elif f.name == "precision":
+            kwargs["metavar"] = "{" + ",".join(PRECISIONS) + "}"
+        elif f.type == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name in TENSIONS:
             kwargs["type"] = float
             kwargs["metavar"] = "[0,1]"

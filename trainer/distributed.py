@@ -32,7 +32,8 @@ class World:
         return self.world_size > 1
 
 
-def init_world() -> World:
+def init_world(timeout_s: float = 1800) -> World:
+    """Join the job's process group; timeout_s bounds how long any collective waits for the slowest rank."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -45,7 +46,7 @@ def init_world() -> World:
         # DeepSpeed reads LOCAL_RANK even for one process per pod, where the operator does not set it
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=10))
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return World(rank, world_size, local_rank, device, backend)
 
 

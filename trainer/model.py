@@ -9,6 +9,7 @@ Forward pass, per image and query:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -121,11 +122,14 @@ def allocate(r: torch.Tensor, cfg: TrainConfig, noise: torch.Tensor | None = Non
     return Allocation(r, selected, budget, share)
 
 
-def gumbel_noise(shape: torch.Size, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor | None:
+def gumbel_noise(shape: torch.Size, cfg: TrainConfig, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> torch.Tensor | None:
+    """Gumbel(0, scale) noise drawn where the generator lives (a device generator: no host-to-device copy)."""
     scale = cfg.sigma_max * (1 - cfg.exploit_vs_explore)
     if scale == 0:
         return None
-    u = torch.rand(shape, generator=generator).clamp(1e-9, 1 - 1e-9)
+    device = generator.device if generator is not None else device
+    u = torch.rand(shape, generator=generator, device=device).clamp(1e-9, 1 - 1e-9)
     return -scale * torch.log(-torch.log(u))
 
 
@@ -133,15 +137,15 @@ def level_of_detail(pixels: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     """A cell's pixels at the resolution its budget buys: n tokens ~ an s x s view, s = 2^floor(log4 n).
 
     pixels [B,K,3,h,w], budget [B,K] -> [B,K,3*h*w]; the view is upsampled back so every token has one width.
+    Every level is computed for every cell and the right one picked on the device: selecting cells by level
+    would need the levels on the host (a device sync each step) and data-dependent shapes.
     """
     b, k, c, h, w = pixels.shape
     flat = pixels.reshape(b * k, c, h, w)
-    side = (2 ** torch.floor(torch.log(budget.reshape(-1).clamp_min(1)) / math.log(4))).clamp(max=h).long()
-    out = torch.empty_like(flat)
-    for s in side.unique().tolist():
-        idx = (side == s).nonzero(as_tuple=True)[0]
-        view = F.adaptive_avg_pool2d(flat[idx], s)
-        out[idx] = F.interpolate(view, size=(h, w), mode="nearest")
+    sides = [2 ** i for i in range(h.bit_length()) if 2 ** i < h] + [h]
+    views = torch.stack([F.interpolate(F.adaptive_avg_pool2d(flat, s), size=(h, w), mode="nearest") for s in sides])
+    level = torch.floor(torch.log(budget.reshape(-1).clamp_min(1)) / math.log(4)).long().clamp(max=len(sides) - 1)
+    out = views.gather(0, level.view(1, -1, 1, 1, 1).expand(1, -1, c, h, w))[0]
     return out.reshape(b, k, c * h * w)
 
 
@@ -154,6 +158,13 @@ class ArrCoc(nn.Module):
         base, vocab_ids = build_base_lm(cfg)
         for p in base.parameters():
             p.requires_grad_(False)
+        if cfg.precision == "bf16":
+            # The frozen base is stored in bf16 (half the memory); peft upcasts the LoRA weights it adds to fp32
+            # (autocast_adapter_dtype), so every trainable weight and its optimizer state stay fp32.
+            base.to(torch.bfloat16)
+        if cfg.activation_checkpointing:
+            # non-reentrant: the decoder's inputs (our visual tokens) carry gradients, the frozen weights do not
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if adapter_dir is None:
             lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
             self.lm = get_peft_model(base, lora)
@@ -168,6 +179,20 @@ class ArrCoc(nn.Module):
         self.col = nn.Embedding(cfg.grid, width)
         for emb in (self.row, self.col):
             nn.init.normal_(emb.weight, std=0.02)
+
+    @property
+    def device(self) -> torch.device:
+        return self.vocab_ids.device
+
+    @property
+    def base(self) -> nn.Module:
+        """The frozen base LM under the LoRA."""
+        return self.lm.get_base_model()
+
+    def training_noise(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor | None:
+        """The Gumbel noise of one training batch, on the model's device; its shape is the model's business."""
+        size = batch["images"].shape[0]
+        return gumbel_noise(torch.Size((size, self.cfg.grid * self.cfg.grid)), self.cfg, generator, self.device)
 
     def embed_words(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(self.vocab_ids[ids])
@@ -185,8 +210,16 @@ class ArrCoc(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], noise: torch.Tensor | None = None,
                 random_relevance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        with torch.no_grad():
-            feats = cell_features(batch["images"], cfg.grid)
+        bf16 = cfg.precision == "bf16"
+        device_type = batch["images"].device.type
+        # (autocast only when asked for: the meta device, which the device tests use, has no autocast)
+        with torch.no_grad(), torch.autocast(device_type, enabled=False) if bf16 else contextlib.nullcontext():
+            feats = cell_features(batch["images"], cfg.grid)  # fp32 features in either precision
+        with torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            return self._adapt(batch, feats, noise, random_relevance)
+
+    def _adapt(self, batch, feats: CellFeatures, noise, random_relevance) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
         p, s, q = self.score(feats, batch["queries"])
         c = cfg.compress_vs_particularize
         r = c * (p + s) / 2 + (1 - c) * q if random_relevance is None else random_relevance
@@ -206,8 +239,8 @@ class ArrCoc(nn.Module):
         inputs = torch.cat([self.embed_words(bos), tokens, text], dim=1)
         logits = self.lm(inputs_embeds=inputs).logits[..., self.vocab_ids]  # our vocabulary only
         # position -3 (SEP) predicts ANSWER; the last position (ANSWER) predicts EOS
-        answer_logits = logits[:, -2]
-        eos_logits = logits[:, -1]
+        answer_logits = logits[:, -2].float()
+        eos_logits = logits[:, -1].float()
         eos = torch.full_like(batch["answers"], TOKEN["<eos>"])
         lm_loss = (F.cross_entropy(answer_logits, batch["answers"]) + F.cross_entropy(eos_logits, eos)) / 2
         target = (batch["relevance"].flatten(1).gather(1, sel) > 0).float()
@@ -260,3 +293,19 @@ ADAPTER_CONFIG = "arrcoc_config.json"
 
 class AdapterError(ValueError):
     exit_code = 2
+
+
+@torch.no_grad()
+def allocation_pictures(model: ArrCoc, scenes: dict) -> torch.Tensor:
+    """[N,3,H,2W] in [0,1]: each eval scene beside its allocation share, a heat map upsampled to the image."""
+    was_training = model.training
+    model.eval()
+    device = model.device
+    batch = {k: torch.as_tensor(v).to(device) for k, v in scenes.items()}
+    share = model(batch)["share"].float()
+    model.train(was_training)
+    images = batch["images"].permute(0, 3, 1, 2).float() / 255.0
+    g = model.cfg.grid
+    heat = share.reshape(-1, 1, g, g) / share.amax(dim=1).clamp_min(1e-8).view(-1, 1, 1, 1)
+    heat = F.interpolate(heat, size=images.shape[-2:], mode="nearest").expand(-1, 3, -1, -1)
+    return torch.cat([images, heat], dim=-1).cpu()

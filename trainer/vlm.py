@@ -16,6 +16,7 @@ visual_pos_masks / deepstack_visual_embeds (models/qwen3_vl/modeling_qwen3_vl.py
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -28,6 +29,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from .config import TrainConfig
 from .errors import UserError
+from .model import gumbel_noise
 from .texture import CHANNELS, cell_features
 
 VLM_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -94,8 +96,10 @@ class VlmCollator:
     """Dict samples of trainer.vqa.VqaDataset -> one batch: pixel patches, grids, the full token sequences
     (every image placeholder present, right-padded), texture cells and ground-truth relevance per image."""
 
-    def __init__(self, tokenizer, image_processor, config):
-        self.tokenizer, self.image_processor = tokenizer, image_processor
+    def __init__(self, tokenizer, image_processor, config, rope_index):
+        # rope_index: the base model's get_rope_index, a function of the ids and the config only. Run here, in a
+        # DataLoader worker, its walk over the ids never syncs the training device.
+        self.tokenizer, self.image_processor, self.rope_index = tokenizer, image_processor, rope_index
         self.image_token, self.start, self.end = (config.image_token_id, config.vision_start_token_id,
                                                   config.vision_end_token_id)
         self.eos = tokenizer.eos_token_id
@@ -135,8 +139,11 @@ class VlmCollator:
         for i, (prompt, answer) in enumerate(rows):
             ids[i, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
             mask[i, :len(prompt) + len(answer)] = 1
+        with torch.no_grad():
+            positions, _ = self.rope_index(ids, mm_token_type_ids=(ids == self.image_token).int(),
+                                           image_grid_thw=grid_thw, attention_mask=mask)
         return {"pixel_values": processed["pixel_values"], "image_grid_thw": grid_thw, "input_ids": ids,
-                "attention_mask": mask, "prompt_lengths": [len(p) for p, _ in rows],
+                "attention_mask": mask, "position_ids": positions, "prompt_lengths": [len(p) for p, _ in rows],
                 "answer_lengths": [len(a) for _, a in rows], "visual_counts": counts, "texture": texture,
                 "entropy": entropy, "edges": edges, "truth": truth, "answers": [s["answers"] for s in samples]}
 
@@ -169,13 +176,18 @@ class ArrCocVLM(nn.Module):
             raise VlmError(f"base_model={cfg.base_model}: not a loadable Qwen-VL checkpoint folder ({exc})") from None
         for p in base.parameters():
             p.requires_grad_(False)
+        if cfg.precision == "bf16":
+            # as on the synthetic path: the frozen base in bf16, the LoRA weights peft adds (and ours) in fp32
+            base.to(torch.bfloat16)
+        if cfg.activation_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if adapter_dir is None:
             lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LM_LINEAR)
             self.vlm = get_peft_model(base, lora)
         else:
             self.vlm = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
         self.tokenizer, self.image_processor = load_processors(cfg.base_model)
-        self.collate = VlmCollator(self.tokenizer, self.image_processor, base.config)
+        self.collate = VlmCollator(self.tokenizer, self.image_processor, base.config, base.model.get_rope_index)
         width = base.config.text_config.hidden_size
         self.participatory = VisualQueryScorer(width, cfg.scorer_hidden)
 
@@ -186,6 +198,12 @@ class ArrCocVLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.participatory.query.weight.device
+
+    def training_noise(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor | None:
+        """Gumbel noise per visual token of one training batch (rows padded to its longest image), on the
+        generator's device."""
+        shape = torch.Size((len(batch["visual_counts"]), max(batch["visual_counts"])))
+        return gumbel_noise(shape, self.cfg, generator, self.device)
 
     # --- the allocator ---------------------------------------------------------------------------------------
     def _select(self, r: torch.Tensor, k: int, selection: str, noise: torch.Tensor | None,
@@ -206,11 +224,7 @@ class ArrCocVLM(nn.Module):
                    fraction: float | None, generator: torch.Generator | None) -> dict:
         cfg, base, device = self.cfg, self.base, self.device
         embed = base.get_input_embeddings()
-        # M-RoPE positions of the full sequence, computed where the ids live (CPU): get_rope_index walks them
-        full_positions, _ = base.model.get_rope_index(
-            batch["input_ids"], mm_token_type_ids=(batch["input_ids"] == self.collate.image_token).int(),
-            image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])
-        full_positions = full_positions.to(device, non_blocking=True)
+        full_positions = batch["position_ids"].to(device, non_blocking=True)  # M-RoPE of the full sequence
         ids = batch["input_ids"].to(device, non_blocking=True)
         with torch.no_grad():
             vision = base.model.get_image_features(batch["pixel_values"].to(device), batch["image_grid_thw"].to(device),
@@ -274,8 +288,18 @@ class ArrCocVLM(nn.Module):
                 "extra": extra, "relevance": relevance, "selected": selected, "aux": aux}
 
     # --- training and scoring --------------------------------------------------------------------------------
+    def _autocast(self):
+        """bf16 autocast for --precision bf16 (fp32 trainable weights, bf16 matmuls); nothing for fp32."""
+        if self.cfg.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
     def forward(self, batch: dict, noise: torch.Tensor | None = None, selection: str = "relevance",
                 fraction: float | None = None, generator: torch.Generator | None = None) -> dict:
+        with self._autocast():
+            return self._forward(batch, noise, selection, fraction, generator)
+
+    def _forward(self, batch: dict, noise, selection: str, fraction: float | None, generator) -> dict:
         seq = self._sequences(batch, True, noise, selection, fraction, generator)
         hidden = self.base.model.language_model(inputs_embeds=seq["inputs_embeds"], position_ids=seq["position_ids"],
                                                 attention_mask=seq["attention_mask"], **seq["extra"]).last_hidden_state
@@ -289,7 +313,20 @@ class ArrCocVLM(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict, selection: str = "relevance", fraction: float | None = None,
                  generator: torch.Generator | None = None) -> tuple[list[str], dict]:
-        """Greedy answers (a KV cache, positions continuing after each row's last one) and the selection used."""
+        """Greedy answers (a KV cache, positions continuing after each row's last one) and the selection used.
+        Under FSDP2 this is not the root module's forward, so the root's own weights are gathered around it (the
+        decoder layers and vision blocks gather theirs in their own forwards)."""
+        unshard = hasattr(self, "unshard")  # a fully_shard'ed model (torch.distributed.fsdp.FSDPModule)
+        if unshard:
+            self.unshard()
+        try:
+            with self._autocast():
+                return self._generate(batch, selection, fraction, generator)
+        finally:
+            if unshard:
+                self.reshard()
+
+    def _generate(self, batch: dict, selection: str, fraction: float | None, generator) -> tuple[list[str], dict]:
         seq = self._sequences(batch, False, None, selection, fraction, generator)
         lm, head, embed = self.base.model.language_model, self.base.lm_head, self.base.get_input_embeddings()
         out = lm(inputs_embeds=seq["inputs_embeds"], position_ids=seq["position_ids"],

@@ -12,13 +12,16 @@ min(#annotators who gave the answer / 3, 1) soft accuracy).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from .distributed import World
 from .errors import UserError
 
 
@@ -204,10 +207,45 @@ def write_scene_jsonl(directory: str | Path, count: int, seed: int, offset: int 
 
 
 
+# The colours of write_colour_jsonl: four well-separated ones, each a single word in the tiny VLM's tokenizer.
+PATCH_COLOURS = ("red", "green", "blue", "yellow")
+
+
+def write_colour_jsonl(directory: str | Path, count: int, seed: int, offset: int = 0, size: int = 64,
+                       grid: int = 8) -> Path:
+    """`count` images of gray noise with one solid-colour patch on one cell of a grid x grid layout, asked
+    "what is the object?"; the answer is the patch's colour, the box its cell. The answer is a function of one
+    small region that even a random frozen vision tower keeps apart, so a short run shows whether the adapter
+    learns to keep that region's tokens (a random selection of a quarter of the tokens misses it 3 times in 4).
+    Returns the JSONL path."""
+    import cv2
+
+    from .data import PALETTE
+    from .files import write_bytes_atomic, write_text_atomic
+
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    cell = size // grid
+    lines = []
+    for i in range(count):
+        rng = np.random.default_rng([seed, offset + i])
+        image = rng.integers(90, 166, (size, size, 1), dtype=np.uint8).repeat(3, axis=2)
+        colour = PATCH_COLOURS[rng.integers(len(PATCH_COLOURS))]
+        y, x = (int(v) * cell for v in rng.integers(grid, size=2))
+        image[y:y + cell, x:x + cell] = PALETTE[colour]
+        name = f"images/{offset + i:08d}.png"
+        ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        write_bytes_atomic(directory / name, png.tobytes())
+        lines.append(json.dumps({"image": name, "question": "what is the object?", "answers": [colour] * 3,
+                                 "boxes": [[x, y, x + cell, y + cell]]}))
+    return write_text_atomic(directory / "data.jsonl", "\n".join(lines) + "\n")
+
+
 # --- evaluation: VQA accuracy, relevance, and the accuracy vs visual-token budget curve -------------------
 class VqaSource:
-    """The trainer's view of a JSONL dataset: batch(indices) -> one collated batch (indices wrap around), so
-    a step's batch is a function of (seed, step, rank) as on the synthetic path and resume stays exact."""
+    """A JSONL dataset with the model's collate: batch(indices) -> one collated batch (indices wrap around).
+    Evaluation, the budget curve and the benchmarks read through it; training reads the VqaDataset through the
+    trainer's DataLoader."""
 
     def __init__(self, path: str, collate, max_bad_fraction: float):
         self.dataset = VqaDataset(path, max_bad_fraction)
@@ -220,33 +258,53 @@ class VqaSource:
         return self.collate([self.dataset[int(i) % len(self.dataset)] for i in indices])
 
 
+# Sums evaluate_vqa all-reduces: soft accuracy, relevance share, examples with boxes, visual tokens, answer loss.
+_SUMS = ("accuracy", "relevance", "boxed", "tokens", "loss")
+
+
 @torch.no_grad()
-def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance",
-                 fraction: float | None = None) -> dict[str, float]:
+def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance", fraction: float | None = None,
+                 world: World = World()) -> dict[str, float]:
     """vqa_accuracy (greedy answers, soft accuracy), relevance_score (share of the kept tokens' weight on the
-    boxed cells, where boxes exist), visual_tokens (mean tokens the LM read) over the first eval_size examples.
-    Random selection draws from its own generator seeded by cfg.seed."""
+    boxed cells, where boxes exist), visual_tokens (mean tokens the LM read) and eval_loss over the first
+    eval_size examples. Each rank scores its shard with the same number of batches (a sharded model's forward
+    is a collective; a rank out of examples scores a stand-in batch with weight 0) and the sums are
+    all-reduced: one host sync per evaluation besides each batch's generated tokens. Random selection draws
+    from a generator seeded by (cfg.seed, the batch's first example)."""
+    from .evaluation import shard
+
     was_training = model.training
     model.eval()
-    generator = torch.Generator().manual_seed(cfg.seed)
     count = min(cfg.eval_size, len(source))
-    accuracy, relevance, boxed, tokens, loss = 0.0, 0.0, 0, 0.0, 0.0
-    for start in range(0, count, cfg.batch_size):
-        batch = source.batch(range(start, min(start + cfg.batch_size, count)))
-        answers, seq = model.generate(batch, selection, fraction, generator)
-        loss += float(model(batch, selection=selection, fraction=fraction,
-                            generator=torch.Generator().manual_seed(cfg.seed + start))["lm_loss"]) * len(answers)
+    mine = shard(count, world)
+    batches = math.ceil(math.ceil(count / world.world_size) / cfg.batch_size)
+    totals = torch.zeros(len(_SUMS), dtype=torch.float64)
+    for chunk in np.array_split(mine, batches):
+        weight = 1.0 if len(chunk) else 0.0
+        chunk = chunk if len(chunk) else np.zeros(1, dtype=np.int64)
+        batch = source.batch(chunk)
+        seed = int(np.random.SeedSequence([cfg.seed, int(chunk[0])]).generate_state(1)[0])
+        answers, seq = model.generate(batch, selection, fraction, torch.Generator().manual_seed(seed))
+        loss = model(batch, selection=selection, fraction=fraction, generator=torch.Generator().manual_seed(seed))
+        sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+        sums[4] = float(loss["lm_loss"]) * len(answers)
         for i, predicted in enumerate(answers):
-            accuracy += soft_accuracy(predicted, batch["answers"][i])
+            sums[0] += soft_accuracy(predicted, batch["answers"][i])
             selected = seq["selected"][i].cpu()
-            tokens += len(selected)
+            sums[3] += len(selected)
             truth = batch["truth"][i]
             if truth is not None:
                 truth = truth / truth.sum().clamp_min(1e-8)
                 share = torch.full((len(selected),), 1.0 / len(selected))
-                relevance += float(torch.minimum(share, truth[selected]).sum())
-                boxed += 1
+                sums[1] += float(torch.minimum(share, truth[selected]).sum())
+                sums[2] += 1
+        totals += weight * sums
+    if world.distributed:
+        totals = totals.to(world.device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
     model.train(was_training)
+    accuracy, relevance, boxed, tokens, loss = totals.tolist()
     metrics = {"vqa_accuracy": accuracy / count}
     if boxed:
         metrics["relevance_score"] = relevance / boxed
@@ -257,18 +315,18 @@ def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance",
 CURVE_BASELINES = ("random", "uniform")
 
 
-def budget_curve(model, cfg, source: VqaSource) -> dict:
+def budget_curve(model, cfg, source: VqaSource, world: World = World()) -> dict:
     """vqa_accuracy at each token fraction of cfg.budget_curve for ARR-COC and the random and uniform
-    (strided) selections, and the all-tokens upper bound."""
+    (strided) selections, and the all-tokens upper bound. Every rank takes part (see evaluate_vqa)."""
     rows = []
     for fraction in sorted(float(v) for v in cfg.budget_curve.split(",") if v.strip()):
         row = {"fraction": fraction}
         for selection in ("relevance", *CURVE_BASELINES):
-            metrics = evaluate_vqa(model, cfg, source, selection, fraction)
+            metrics = evaluate_vqa(model, cfg, source, selection, fraction, world)
             row[selection] = metrics["vqa_accuracy"]
             row["visual_tokens"] = metrics["visual_tokens"]
         rows.append(row)
-    everything = evaluate_vqa(model, cfg, source, "all")
+    everything = evaluate_vqa(model, cfg, source, "all", world=world)
     return {"rows": rows, "all_tokens": everything["vqa_accuracy"], "all_visual_tokens": everything["visual_tokens"]}
 
 

@@ -1,4 +1,5 @@
-"""prepare-data's work: train and eval datasets in trainer.data's directory format, with texture arrays.
+"""prepare-data's work: train and eval datasets in trainer.data's directory format (images, queries, answers,
+relevance; no texture arrays: the trainer computes textures batched on its training device).
 
 source "synthetic": train scenes 0..train_size-1 of the seed's train stream and eval scenes 0..eval_size-1 of
 its eval stream, exactly the samples the trainer would generate itself, so a prepared run and an unprepared
@@ -7,7 +8,7 @@ one see the same data.
 source = an image folder (jpg/png): such images have no queries and no ground truth, so they cannot train the
 adapter nor score it. Training and the gate's evaluation still use the synthetic scenes of the seed; the
 folder's images (centre-cropped, resized to 64x64) travel in the eval dataset as extra arrays
-(`folder_images`, `folder_textures`, `folder_names`) and the evaluation report draws them under every colour
+(`folder_images`, `folder_names`) and the evaluation report draws them under every colour
 query. Unreadable files are named on stderr and skipped; a folder with no readable image fails.
 """
 from __future__ import annotations
@@ -23,15 +24,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 class PrepareError(ValueError):
     exit_code = 2
-
-
-def textures_of(images: np.ndarray) -> np.ndarray:
-    """[N,64,64,3] uint8 -> [N,8,8,13] float32 with the opencv path (trainer.texture.texture_cv2)."""
-    from trainer.texture import texture_cv2
-
-    if len(images) == 0:
-        return np.zeros((0, 8, 8, 13), np.float32)
-    return np.stack([texture_cv2(image) for image in images])
 
 
 def read_folder(folder: str | Path, size: int = 64) -> tuple[np.ndarray, list[str], list[str]]:
@@ -187,20 +179,16 @@ def prepare(source: str, seed: int, train_size: int, eval_size: int, train_dir: 
     # Read (and fail on) the folder before anything is written: a failed step leaves no half dataset behind.
     folder = None if source == SYNTHETIC else read_folder(source)
 
-    common = {"source": source, "seed": seed, "image_shape": [64, 64, 3], "texture_shape": [8, 8, 13],
-              "relevance_shape": [8, 8], "format": "trainer.data (scenes.npz + metadata.json)"}
+    common = {"source": source, "seed": seed, "image_shape": [64, 64, 3], "relevance_shape": [8, 8], "format": "trainer.data (scenes.npz + metadata.json)"}
     train = generate(seed, 0, train_size)
-    train["textures"] = textures_of(train["images"])
     train_meta = {**common, "split": "train", "count": train_size, "stream_offset": 0,
                   "training_images": SYNTHETIC}
     evaluation = generate(seed, 0, eval_size, EVAL_OFFSET)
-    evaluation["textures"] = textures_of(evaluation["images"])
     eval_meta = {**common, "split": "eval", "count": eval_size, "stream_offset": EVAL_OFFSET,
                  "folder_images": 0, "unreadable_files": []}
     if folder is not None:
         images, names, unreadable = folder
         evaluation["folder_images"] = images
-        evaluation["folder_textures"] = textures_of(images)
         evaluation["folder_names"] = np.array(names)
         eval_meta.update(folder_images=len(names), unreadable_files=unreadable)
     save_dataset(train_dir, train, train_meta)

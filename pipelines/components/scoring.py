@@ -91,7 +91,7 @@ def evaluate_adapter(adapter_dir: str | Path, eval_dir: str | Path, report_sampl
     (GateMetricError otherwise, raised before the report is drawn)."""
     import torch
 
-    from pipelines.report import html_report, markdown_summary
+    from pipelines.report import html_report, load_curves, markdown_summary
     from trainer.evaluation import eval_source, evaluate
     from trainer.model import ArrCoc, cells_selected
 
@@ -122,9 +122,9 @@ def evaluate_adapter(adapter_dir: str | Path, eval_dir: str | Path, report_sampl
     tensions = cfg.tensions()
     facts = {"eval scenes": count, "data source": meta.get("source", "?"), "seed": cfg.seed,
              "base model": cfg.base_model, "cells selected (K)": cells_selected(cfg)}
-    page = html_report(metrics, baseline, tensions, facts, scene_rows, folder_rows)
-    return metrics, baseline, page, markdown_summary(metrics, baseline, tensions, threshold, gate_metric=gate_metric), \
-        tensions
+    page = html_report(metrics, baseline, tensions, facts, scene_rows, folder_rows, curves=load_curves(adapter_dir))
+    summary = markdown_summary(metrics, baseline, tensions, threshold, gate_metric=gate_metric)
+    return metrics, baseline, page, summary, tensions
 
 
 def _evaluate_vlm_adapter(adapter_dir: Path | str, eval_dir: Path, threshold: float, gate_metric: str):

@@ -55,7 +55,11 @@ def trainer_args(params: dict[str, Any], train_dir: str, eval_dir: str) -> list[
     """Trainer flags (trainer/config.py names) from the pipeline's parameters; --out belongs to the builder."""
     args = []
     for name, value in params.items():
-        args += ["--" + name.replace("_", "-"), str(value)]
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):  # on/off flags (argparse.BooleanOptionalAction): --flag or --no-flag
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            args += ["--" + flag, str(value)]
     return [*args, "--train-data", train_dir, "--eval-data", eval_dir]
 
 
