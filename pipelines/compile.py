@@ -2,9 +2,10 @@
 
 - pipelines/kfp_pipeline/compiled/*.yaml: the compiled pipeline(s), the files users upload in the KFP UI;
 - katib/base/experiment.yaml below its marker line: the trial template's PyTorchJob (pipelines/sweeps/trial_spec.py);
+- katib/overlays/<team>/wired/from-team-config.yaml: the team's trial settings, from its team-config;
 - pipelines/jobs/examples/*.yaml: example PyTorchJobs, rendered by `arrcoc pytorchjob render` with EXAMPLES' arguments.
 
-Tests fail when any of them is stale (test_pipeline_compile.py, test_katib_trial_spec.py,
+Tests fail when any of them is stale (test_pipeline_compile.py, test_trial_spec.py,
 test_pytorchjob_builder.py), so after changing a component, the pipeline, the builder, the trainer's defaults or
 the base team-config, run `arrcoc compile` (or `make compile`) and commit the diff.
 """
@@ -25,8 +26,8 @@ EXAMPLES_DIR = Path(__file__).parent / "jobs" / "examples"
 # file name -> `arrcoc pytorchjob render` arguments (without -o).
 EXAMPLES = {
     "pytorchjob-tiny.yaml": ["--name", "arrcoc-tiny", "--workers", "1",
-                             "--image", "ghcr.io/arrcoc/arrcoc-trainer:0.1.0",
-                             "--", "--steps", "20", "--batch-size", "8", "--eval-every", "10", "--eval-size", "32",
+                             "--image", "ghcr.io/arrcoc/arrcoc-trainer:0.1.0", "--",
+                             "--steps", "20", "--batch-size", "8", "--eval-every", "10", "--eval-size", "32",
                              "--checkpoint-every", "5", "--seed", "0"],
 }
 # Fields that change with the SDK release, not with our pipeline.
@@ -68,8 +69,7 @@ def documents(text: str) -> list[dict[str, Any]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default=str(COMPILED_DIR),
-                        help="where to write the pipelines "
-                             "(default: pipelines/kfp_pipeline/compiled, the files kept in git)")
+                        help="where to write the pipelines (default: pipelines/compiled, the files kept in git)")
     parser.add_argument("--pipelines-only", action="store_true",
                         help="only compile the pipelines (leave the trial template and the examples alone)")
 
@@ -88,6 +88,11 @@ def run(args: argparse.Namespace) -> int:
     experiment = trial_spec.EXPERIMENT
     write_text_atomic(experiment, trial_spec.generate(experiment.read_text()))
     print(f"generated the trial template -> {experiment}")
+    head = trial_spec.split(experiment.read_text())[1]
+    for team in trial_spec.team_overlays():
+        path = trial_spec.OVERLAYS / team / trial_spec.TEAM_PATCH
+        write_text_atomic(path, trial_spec.team_patch(head, trial_spec.rendered_team_config(team)))
+        print(f"generated {team}'s trial settings -> {path}")
     for name, argv in EXAMPLES.items():
         path = EXAMPLES_DIR / name
         before, after = argv[:argv.index("--")], argv[argv.index("--"):]

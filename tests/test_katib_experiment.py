@@ -295,3 +295,20 @@ def test_parsing_does_not_mutate_the_manifest(base_doc: dict) -> None:
     before = copy.deepcopy(base_doc)
     parse_experiment(base_doc)
     assert base_doc == before
+
+
+def test_an_experiment_may_maximize_vqa_accuracy():
+    """A VLM team on VQAv2 (no boxes) swaps the objective to vqa_accuracy; the trainer's metric line feeds it."""
+    from pipelines.sweeps.experiment import load_manifest, observe, parse_experiment
+
+    doc = copy.deepcopy(load_manifest(BASE))
+    objective = doc["spec"]["objective"]
+    objective["objectiveMetricName"] = "vqa_accuracy"
+    objective["additionalMetricNames"] = [m for m in objective.get("additionalMetricNames") or []
+                                          if m != "relevance_score"]
+    objective["metricStrategies"] = [s for s in objective.get("metricStrategies") or []
+                                     if s["name"] != "relevance_score"] + [{"name": "vqa_accuracy", "value": "max"}]
+    exp = parse_experiment(doc)
+    assert exp.objective.metric == "vqa_accuracy" and exp.objective.strategies["vqa_accuracy"] == "max"
+    seen = observe("step=10 vqa_accuracy=0.31 visual_tokens=64\nstep=20 vqa_accuracy=0.42\n", exp.objective)
+    assert seen["vqa_accuracy"].max == "0.42"

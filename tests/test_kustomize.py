@@ -3,7 +3,6 @@ with themselves, and all YAML we own passes yamllint. Rendering uses `kubectl ku
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,9 +40,10 @@ def test_teams_differ_in_capacity_gpu_and_quota(overlays) -> None:
     assert TeamConfig.from_configmap(research).pod_node_selector() == {
         "cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}
     assert json.loads(vision["nodeSelector"]) == json.loads(research["nodeSelector"]) == {}
-    quotas = {t: next(d for d in docs if d["kind"] == "ResourceQuota")["spec"]["hard"] for t, docs in overlays.items()}
-    gpus = "requests.nvidia.com/gpu"
-    assert int(quotas["team-vision"][gpus]) < int(quotas["team-research"][gpus])
+    quotas = {t: next(d for d in docs if d["kind"] == "ResourceQuota")["spec"]["hard"]
+              for t, docs in overlays.items()}
+    gpus = {team: int(hard["requests.nvidia.com/gpu"]) for team, hard in quotas.items()}
+    assert gpus["team-vision"] < gpus["team-research"]
     for team, docs in overlays.items():
         assert _team_config(docs)["team"] == team
         assert all(isinstance(v, str) for v in _team_config(docs).values())
@@ -53,58 +53,35 @@ def test_teams_differ_in_capacity_gpu_and_quota(overlays) -> None:
 
 
 @pytest.mark.parametrize("capacity", ["spot", "on-demand"])
-def test_component_strings_match_its_pod_values(capacity: str) -> None:
-    """team-config carries the tolerations as a JSON string; pod templates get them from scheduling.yaml."""
-    scheduling = yaml.safe_load((COMPONENTS / capacity / "scheduling.yaml").read_text())["spec"]
+def test_capacity_component_writes_tolerations_once(capacity: str) -> None:
+    """team-config's JSON string is the only place a capacity's tolerations are written: the component holds
+    nothing else (no pod-template copy), and node selectors are derived from capacity, never copied."""
+    files = sorted(p.name for p in (COMPONENTS / capacity).iterdir())
+    assert files == ["kustomization.yaml", "team-config.capacity.yaml"]
     patch = yaml.safe_load((COMPONENTS / capacity / "team-config.capacity.yaml").read_text())["data"]
     assert patch["capacity"] == capacity
-    assert json.loads(patch["tolerations"]) == scheduling["tolerations"]
-    assert "nodeSelector" not in patch  # derived from capacity, never copied
+    tolerations = json.loads(patch["tolerations"])
+    assert {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"} in tolerations
+    assert any(t["key"] == "cloud.google.com/gke-spot" for t in tolerations) == (capacity == "spot")
+    assert "nodeSelector" not in patch
 
 
-JOB = """\
-apiVersion: kubeflow.org/v1
-kind: PyTorchJob
-metadata:
-  name: {name}
-  labels: {labels}
-spec:
-  pytorchReplicaSpecs:
-    Master:
-      replicas: 1
-      template:
-        spec:
-          nodeSelector: {{cloud.google.com/gke-accelerator: nvidia-l4}}
-          containers: [{{name: pytorch, image: "x:1"}}]
-{worker}"""
-WORKER = """\
-    Worker:
-      replicas: 2
-      template:
-        spec:
-          containers: [{name: pytorch, image: "x:1"}]
-"""
+@pytest.mark.parametrize("team", ["team-vision", "team-research"])
+def test_katib_trials_schedule_as_the_teams_jobs(overlays, team: str) -> None:
+    """The Katib overlay's trial pods get exactly the tolerations and node selector the builder gives the team's
+    own PyTorchJobs from its rendered team-config."""
+    from pipelines.jobs.pytorchjob import build_pytorchjob, to_manifest
 
-
-@pytest.mark.parametrize("capacity", ["spot", "on-demand"])
-def test_component_schedules_jobs_without_team_config(tmp_path: Path, capacity: str) -> None:
-    """The Katib overlays use the components without team-config: patches with no target are no-ops,
-    Master and Worker get the tolerations, and a master-only job gets no invented Worker."""
-    (tmp_path / "both.yaml").write_text(JOB.format(name="both", labels="{}", worker=WORKER))
-    (tmp_path / "solo.yaml").write_text(JOB.format(name="solo", labels="{arrcoc.io/replicas: master-only}", worker=""))
-    (tmp_path / "kustomization.yaml").write_text(
-        # kustomize refuses absolute component paths
-        f"resources: [both.yaml, solo.yaml]\ncomponents: [{os.path.relpath(COMPONENTS / capacity, tmp_path)}]\n"
-    )
-    jobs = {d["metadata"]["name"]: d["spec"]["pytorchReplicaSpecs"] for d in build(tmp_path)}
-    expected = yaml.safe_load((COMPONENTS / capacity / "scheduling.yaml").read_text())["spec"]
-    assert set(jobs["solo"]) == {"Master"}
-    for replica in (jobs["both"]["Master"], jobs["both"]["Worker"], jobs["solo"]["Master"]):
-        pod = replica["template"]["spec"]
-        assert pod["tolerations"] == expected["tolerations"]
-        assert pod.get("affinity") == expected.get("affinity")
-    assert jobs["both"]["Master"]["template"]["spec"]["nodeSelector"] == {
-        "cloud.google.com/gke-accelerator": "nvidia-l4"}
+    config = TeamConfig.from_configmap(_team_config(overlays[team]))
+    job = to_manifest(build_pytorchjob("x", team=config, workers=1))
+    (experiment,) = [d for d in build(REPO / "katib" / "overlays" / team) if d["kind"] == "Experiment"]
+    trial = experiment["spec"]["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"]
+    for rtype in ("Master", "Worker"):
+        pod = trial[rtype]["template"]["spec"]
+        want = job["spec"]["pytorchReplicaSpecs"][rtype]["template"]["spec"]
+        assert pod["tolerations"] == want["tolerations"] == config.tolerations
+        assert pod["nodeSelector"] == want["nodeSelector"]
+        assert (pod["nodeSelector"].get("cloud.google.com/gke-spot") == "true") == (config.capacity == "spot")
 
 
 def test_yamllint_passes_on_all_yaml_we_own() -> None:

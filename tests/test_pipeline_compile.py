@@ -6,7 +6,7 @@ import yaml
 
 from pipelines.cli import main
 from pipelines.compile import COMPILED_DIR, PIPELINES, compile_to, documents
-from pipelines.jobs.team_config import ENV_NAMES, SPOT_LABEL
+from pipelines.jobs.team_config import ENV_NAMES, OPTIONAL_KEYS, SPOT_LABEL
 from pipelines.kfp_pipeline.components import BASE_IMAGE
 
 CHECKED_IN = COMPILED_DIR / "arrcoc_train.yaml"
@@ -39,10 +39,12 @@ def executors(fresh) -> dict:
 
 def test_team_config_reaches_the_train_step_as_env(fresh):
     train = executors(fresh)["exec-train"]
-    (config_map,) = train["configMapAsEnv"]
-    assert config_map["configMapName"] == "team-config"
-    assert {e["configMapKey"]: e["envVar"] for e in config_map["keyToEnv"]} == ENV_NAMES
-    assert not config_map.get("optional", False)
+    required, optional = train["configMapAsEnv"]
+    assert required["configMapName"] == optional["configMapName"] == "team-config"
+    assert not required.get("optional", False) and optional["optional"] is True
+    to_env = [{e["configMapKey"]: e["envVar"] for e in m["keyToEnv"]} for m in (required, optional)]
+    assert {**to_env[0], **to_env[1]} == ENV_NAMES
+    assert set(to_env[1]) == set(OPTIONAL_KEYS)  # a ConfigMap without them still starts the pod
 
 
 @pytest.mark.parametrize("executor", ["exec-train", "exec-register", "exec-prepare-data"])
@@ -82,6 +84,10 @@ def test_gate_guards_register(fresh):
                          "inputs.parameter_values['pipelinechannel--threshold']")
     assert "register" in spec["components"]["comp-condition-1"]["dag"]["tasks"]
     assert "register" not in spec["root"]["dag"]["tasks"]
+    # the gate compares the evaluate step's return, which is the pipeline's gate_metric
+    assert spec["root"]["inputDefinitions"]["parameters"]["gate_metric"]["defaultValue"] == "relevance_score"
+    gated = spec["root"]["dag"]["tasks"]["evaluate"]["inputs"]["parameters"]["gate_metric"]
+    assert gated["componentInputParameter"] == "gate_metric"
 
 
 def test_components_run_offline_in_the_trainer_image(fresh):

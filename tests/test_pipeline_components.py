@@ -191,7 +191,7 @@ def test_cluster_branch_stages_data_launches_one_job_and_collects_the_adapter(mo
 
     mount = tmp_path / "checkpoints"  # stands in for the PVC mounted at /checkpoints in the step's pod
     monkeypatch.setattr(pipelines.jobs.pytorchjob, "CHECKPOINT_MOUNT", str(mount))
-    _cluster_env(monkeypatch)
+    _cluster_env(monkeypatch, baseModel="/data/models/qwen2.5-vl-3b", dataBucket="vision-models")
     prepare("synthetic", 0, 4, 2, tmp_path / "t", tmp_path / "e")
     seen = {}
 
@@ -209,7 +209,7 @@ def test_cluster_branch_stages_data_launches_one_job_and_collects_the_adapter(mo
     monkeypatch.setattr(pipelines.jobs.cluster.ClusterBackend, "run", fake_run)
     metrics = run_training(backend="cluster", run_id="run-7", train_dir=str(tmp_path / "t"),
                            eval_dir=str(tmp_path / "e"), adapter_dir=str(tmp_path / "adapter"),
-                           job_dir=str(tmp_path / "job"), params={"steps": 3}, workers=2,
+                           job_dir=str(tmp_path / "job"), params={"steps": 3, "base_model": ""}, workers=2,
                            checkpoint_pvc="checkpoints", timeout_minutes=5, delete_policy="always")
     assert metrics["relevance_score"] == 0.5
     assert seen["timeout"] == 300 and seen["delete"] == "always"
@@ -218,6 +218,10 @@ def test_cluster_branch_stages_data_launches_one_job_and_collects_the_adapter(mo
     args = spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--train-data") + 1] == f"{mount}/run-7/data/train"
     assert args[args.index("--out") + 1] == f"{mount}/run-7"
+    # base_model "" is the team-config's baseModel, which the replicas read from the team's bucket at /data
+    assert args[args.index("--base-model") + 1] == "/data/models/qwen2.5-vl-3b"
+    mounts = spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": "data", "mountPath": "/data", "readOnly": True} in mounts
     assert load_dataset(mount / "run-7" / "data" / "train")["images"].shape[0] == 4  # staged before launch
     assert (tmp_path / "adapter" / "arrcoc_config.json").is_file()
     assert (tmp_path / "job" / "master.log").read_text() == "relevance_score=0.5\n"
@@ -233,3 +237,30 @@ def test_a_failed_local_job_fails_the_step_with_its_reason(tmp_path):
                      params={"steps": 0}, workers=0)
     assert "steps=0" in (tmp_path / "task" / "job" / "master.log").read_text()
     assert not (tmp_path / "task" / "adapter").exists()
+
+
+def test_gate_reads_the_chosen_metric_and_names_a_missing_one():
+    from pipelines.kfp_pipeline.steps.evaluate import GateMetricError, gate_value
+
+    synthetic = {"relevance_score": 0.61, "answer_accuracy": 0.3}
+    vqav2 = {"vqa_accuracy": 0.42, "visual_tokens": 64.0}  # VQAv2: no boxes, so no relevance_score
+    assert gate_value(synthetic, "relevance_score") == 0.61
+    assert gate_value(vqav2, "vqa_accuracy") == 0.42
+    for metrics, metric, says in ((vqav2, "relevance_score", "vqa_accuracy"),
+                                  ({**vqav2, "relevance_score": float("nan")}, "relevance_score", "vqa_accuracy"),
+                                  (synthetic, "vqa_accuracy", "relevance_score"),
+                                  (synthetic, "accuracy", "relevance_score, vqa_accuracy")):
+        with pytest.raises(GateMetricError) as caught:
+            gate_value(metrics, metric)
+        message = str(caught.value)
+        assert message.startswith(f"gate_metric={metric!r}") and says in message and "\n" not in message
+        assert caught.value.exit_code == 2
+    summary = markdown_summary(vqav2, {}, {}, 0.4, gate_metric="vqa_accuracy")
+    assert "vqa_accuracy **0.4200** passes the gate (threshold 0.4)" in summary
+
+
+def test_model_card_names_the_gate_metric(tmp_path):
+    path = register_model(_adapter(tmp_path), tmp_path / "store", "run-1", {"vqa_accuracy": 0.5}, 0.4, {},
+                          gate_metric="vqa_accuracy")
+    assert json.loads((path / "model_card.json").read_text())["gate"] == {"metric": "vqa_accuracy", "threshold": 0.4}
+    assert "Gate: vqa_accuracy >= 0.4." in (path / "MODEL_CARD.md").read_text()

@@ -93,6 +93,58 @@ def test_bucket_checkpoints_mount_through_gcs_fuse() -> None:
     assert "gke-gcsfuse/volumes" not in pvc_pod["metadata"]["annotations"]
 
 
+def test_bucket_jobs_run_as_the_workload_identity_account_with_sidecar_limits(schemas) -> None:
+    """In a Profile's namespace whose quota limits limits.*, `arrcoc validate` admits the builder's bucket job;
+    the same job with the builder's account or sidecar limits taken away is refused, so the check can fail."""
+    import copy
+
+    from pipelines.validation.findings import Doc
+    from pipelines.validation.run import check
+
+    namespace = BUCKET_TEAM.team
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "q", "namespace": namespace},
+             "spec": {"hard": {"limits.cpu": "64", "limits.memory": "512Gi"}}}
+    profile = {"apiVersion": "kubeflow.org/v1", "kind": "Profile", "metadata": {"name": namespace},
+               "spec": {"owner": {"kind": "User", "name": "owner@example.com"}}}
+    job = to_manifest(build_pytorchjob("train-a", team=BUCKET_TEAM, workers=1, active_deadline_seconds=3600))
+    for rtype in ("Master", "Worker"):
+        assert pod(job, rtype)["spec"]["serviceAccountName"] == "default-editor"
+        annotations = pod(job, rtype)["metadata"]["annotations"]
+        for key in ("gke-gcsfuse/cpu-limit", "gke-gcsfuse/memory-limit", "gke-gcsfuse/ephemeral-storage-limit"):
+            assert annotations[key]
+
+    def gcsfuse_findings(manifest: dict) -> list[str]:
+        docs = [Doc("rendered", quota), Doc("rendered", profile), Doc("rendered", manifest)]
+        return [str(f) for f in check(docs, schemas) if "gcsfuse" in str(f) or "serviceAccountName" in str(f)]
+
+    assert gcsfuse_findings(job) == []
+    stripped = copy.deepcopy(job)
+    del pod(stripped)["spec"]["serviceAccountName"]
+    del pod(stripped)["metadata"]["annotations"]["gke-gcsfuse/memory-limit"]
+    found = gcsfuse_findings(stripped)
+    assert any("serviceAccountName" in f for f in found) and any("gke-gcsfuse/memory-limit" in f for f in found)
+    # Without a bucket there is no sidecar: the pods keep the namespace's default account and no limits.
+    pvc_pod = pod(to_manifest(build_pytorchjob("train-a", team=PVC_TEAM)))
+    assert "serviceAccountName" not in pvc_pod["spec"]
+    assert not [k for k in pvc_pod["metadata"]["annotations"] if k.startswith("gke-gcsfuse/")]
+
+
+def test_data_bucket_is_mounted_read_only_at_the_same_path_in_every_replica() -> None:
+    team = TeamConfig.from_configmap({**TEAM_DATA, "dataBucket": "vision-models"})
+    job = to_manifest(build_pytorchjob("train-a", team=team, workers=2))
+    for rtype in ("Master", "Worker"):
+        volumes = {v["name"]: v for v in pod(job, rtype)["spec"]["volumes"]}
+        assert volumes["data"]["csi"]["readOnly"] is True
+        assert volumes["data"]["csi"]["volumeAttributes"]["bucketName"] == "vision-models"
+        assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == "checkpoints"
+        mounts = {m["name"]: m for m in container(job, rtype)["volumeMounts"]}
+        assert mounts["data"] == {"name": "data", "mountPath": "/data", "readOnly": True}
+        assert pod(job, rtype)["spec"]["serviceAccountName"] == "default-editor"
+        assert pod(job, rtype)["metadata"]["annotations"]["gke-gcsfuse/volumes"] == "true"
+    with pytest.raises(ManifestError, match="dataBucket"):
+        build_pytorchjob("train-a", team=team, checkpoint_mount="/data")
+
+
 def test_local_team_uses_an_empty_dir_and_no_gpu() -> None:
     m = to_manifest(build_pytorchjob("train-a", team=LOCAL_TEAM, workers=0))
     assert "Worker" not in replicas(m)

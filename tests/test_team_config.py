@@ -52,8 +52,8 @@ def test_data_mapping_and_round_trip() -> None:
     assert TeamConfig.from_configmap(cfg.to_configmap_data()) == cfg
 
 
-def test_env_names_cover_every_required_key_with_one_prefix() -> None:
-    assert set(ENV_NAMES) == set(KEYS) - set(OPTIONAL_KEYS)
+def test_env_names_cover_every_key_with_one_prefix() -> None:
+    assert set(ENV_NAMES) == set(KEYS)  # the optional ones too: the pipeline maps those with optional=True
     assert ENV_NAMES["gpusPerReplica"] == "ARRCOC_TEAM_GPUS_PER_REPLICA"
     assert ENV_NAMES["checkpointPVC"] == "ARRCOC_TEAM_CHECKPOINT_PVC"
     assert len(set(ENV_NAMES.values())) == len(ENV_NAMES)
@@ -107,6 +107,10 @@ def test_local_default() -> None:
     ({"team": "Team_Vision"}, "team"),
     ({"backoffLimit": 3}, "backoffLimit"),
     ({"color": "blue"}, "color"),
+    ({"dataBucket": "gs://models"}, "dataBucket"),
+    ({"baseModel": "/data/my model"}, "baseModel"),
+    ({"dataBucket": "models", "trainData": "/checkpoints/train"}, "trainData"),
+    ({"evalData": "/data/vqav2/eval"}, "evalData"),  # no dataBucket mounted there
 ])
 def test_bad_values_name_the_key(change: dict, key: str) -> None:
     with pytest.raises(TeamConfigError) as info:
@@ -155,3 +159,23 @@ def test_every_team_overlay_renders_a_readable_team_config(tmp_path: Path) -> No
         cfg = TeamConfig.from_file(path)
         assert cfg.team == overlay.name
         assert cfg.checkpoint_bucket or cfg.checkpoint_pvc
+
+
+def test_model_and_data_keys_are_optional_and_reach_the_train_step_env() -> None:
+    """A ConfigMap without the optional keys reads as before; with them, from_env (the KFP train step) sees them
+    under their ENV_NAMES, and without them in the environment it still reads."""
+    plain = TeamConfig.from_configmap(configmap(GOOD))
+    assert (plain.base_model, plain.data_bucket, plain.train_data, plain.eval_data) == ("", "", "", "")
+    assert not plain.uses_gcsfuse()
+    data = {**GOOD, "baseModel": "/data/models/qwen2.5-vl-3b", "dataBucket": "team-vision-models",
+            "trainData": "/data/vqav2/train", "evalData": "/data/vqav2/eval"}
+    full = TeamConfig.from_configmap(configmap(data))
+    assert full.uses_gcsfuse() and full.base_model == "/data/models/qwen2.5-vl-3b"
+    assert set(OPTIONAL_KEYS) <= set(ENV_NAMES)
+    assert TeamConfig.from_env({ENV_NAMES[k]: v for k, v in data.items()}) == full
+    assert TeamConfig.from_env({ENV_NAMES[k]: v for k, v in GOOD.items()}) == plain
+    assert TeamConfig.from_configmap(full.to_configmap_data()) == full
+    # trainPrecision and trainStrategy travel the same way into the KFP train step
+    chosen = {**GOOD, "trainPrecision": "fp32", "trainStrategy": "fsdp"}
+    from_env = TeamConfig.from_env({ENV_NAMES[k]: v for k, v in chosen.items()})
+    assert (from_env.trainer_precision(), from_env.trainer_strategy()) == ("fp32", "fsdp")

@@ -16,10 +16,10 @@ from trainer_helpers import FAST, REPO, clean_env, free_port, read_metrics, run_
 from trainer import data
 from trainer.config import TrainConfig
 from trainer.data import SceneDataset, SceneSource, ShardSampler
+from trainer.distributed import World
 from trainer.evaluation import batch_sums
 from trainer.model import ArrCoc
 from trainer.train import build_optimization, lr_lambda, train_step
-from trainer.distributed import World
 
 
 def test_the_meta_device_rejects_host_tensors():

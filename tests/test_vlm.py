@@ -14,8 +14,15 @@ from trainer_helpers import REPO, clean_env, free_port, read_metrics, run_traine
 from trainer.config import TrainConfig
 from trainer.tiny_vlm import FAMILIES, build_tiny_vlm
 from trainer.vlm import ArrCocVLM, kept_count, vlm_type
-from trainer.vqa import (VqaSource, budget_curve, curve_table, evaluate_vqa, write_budget_curve, write_colour_jsonl,
-                         write_scene_jsonl)
+from trainer.vqa import (
+    VqaSource,
+    budget_curve,
+    curve_table,
+    evaluate_vqa,
+    write_budget_curve,
+    write_colour_jsonl,
+    write_scene_jsonl,
+)
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         for name in TENSIONS:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -107,7 +107,8 @@ class TrainConfig:
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
             raise ConfigError(f"resume={self.resume!r} must be auto, never or an existing checkpoint directory")
         if not 1 <= self.k_min <= self.k_max <= self.grid * self.grid:
-            raise ConfigError(f"k_min={self.k_min}, k_max={self.k_max} must satisfy 1 <= k_min <= k_max <= {self.grid ** 2}")
+            raise ConfigError(f"k_min={self.k_min}, k_max={self.k_max} must satisfy "
+                              f"1 <= k_min <= k_max <= {self.grid ** 2}")
         if self.token_budget < 0 or not 0 < self.token_fraction <= 1 or not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"token_budget={self.token_budget}, token_fraction={self.token_fraction}, "
                               f"max_bad_fraction={self.max_bad_fraction}: need token_budget >= 0, token_fraction "
@@ -132,7 +133,7 @@ def _coerce(name: str, value, source: str):
     try:
         if kind == "bool" and not isinstance(value, bool):
             raise ValueError
-        if kind == "int" and isinstance(value, bool) or kind == "int" and isinstance(value, float) and not value.is_integer():
+        if kind == "int" and (isinstance(value, bool) or isinstance(value, float) and not value.is_integer()):
             raise ValueError
         return _CASTS[kind](value)
     except (TypeError, ValueError):

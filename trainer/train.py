@@ -19,9 +19,9 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -34,8 +34,8 @@ from .config import ConfigError, TrainConfig
 from .curves import TRAINING_CURVES, Curves
 from .data import SceneDataset, SceneSource, ShardSampler, collate, quiet_worker
 from .distributed import World, any_rank, barrier, init_world, shutdown
-from .files import replace_dir, write_json_atomic
 from .evaluation import batches_per_rank, eval_source, load_eval_batches, report, score, shard, write_metrics
+from .files import replace_dir, write_json_atomic
 from .model import ArrCoc, allocation_pictures
 from .vlm import ArrCocVLM, vlm_type
 from .vqa import VqaDataset, VqaSource, budget_curve, evaluate_vqa, write_budget_curve
@@ -199,8 +199,7 @@ SHARDED = "sharded"  # the torch.distributed.checkpoint folder of an fsdp checkp
 
 
 def _dcp_state(model, optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(ignore_frozen_params=True)  # the frozen base is rebuilt from the base model
     return {"model": get_model_state_dict(model, options=options),

@@ -31,7 +31,7 @@ from pipelines.jobs.rules import (
     nproc_problem,
     pytorchjob_problems,
 )
-from pipelines.jobs.team_config import TeamConfig
+from pipelines.jobs.team_config import DATA_MOUNT, TeamConfig
 from trainer.errors import UserError
 
 API_VERSION = "kubeflow.org/v1"
@@ -42,8 +42,18 @@ DEFAULT_PORT = 23456
 DEFAULT_IMAGE = "ghcr.io/arrcoc/arrcoc-trainer:0.1.0"  # trainer/Dockerfile, tagged with the project version
 CHECKPOINT_VOLUME = "checkpoints"
 CHECKPOINT_MOUNT = "/checkpoints"
+DATA_VOLUME = "data"
 SHM_VOLUME = "dshm"
 GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
+# GKE's GCS FUSE sidecar (docs: "Configure the Cloud Storage FUSE CSI driver sidecar container for GKE") gets
+# its limits from these pod annotations; unset, a Standard cluster leaves cpu and memory unlimited, which a
+# ResourceQuota on limits.* refuses, and ephemeral storage at GKE's 5Gi default, which is where gcsfuse stages
+# a file before uploading it. Requests default to the limits. A LoRA checkpoint is far below 5Gi.
+GCSFUSE_SIDECAR_LIMITS = {"gke-gcsfuse/cpu-limit": "500m", "gke-gcsfuse/memory-limit": "1Gi",
+                          "gke-gcsfuse/ephemeral-storage-limit": "5Gi"}
+# The sidecar reaches GCS as the pod's service account through Workload Identity; a Profile's Workload Identity
+# plugin binds a Google service account to default-editor only (not to default).
+WORKLOAD_IDENTITY_ACCOUNT = "default-editor"
 TEAM_LABEL = "arrcoc.dev/team"
 RUN_ID_LABEL = "arrcoc.dev/run-id"
 KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -204,6 +214,8 @@ def _check_inputs(name: str, namespace: str, image: str, trainer_args: list[str]
         raise ManifestError(f"ttl_seconds_after_finished={ttl} must be >= 0")
     if not checkpoint_mount.startswith("/") or checkpoint_mount.rstrip("/") in ("", "/dev/shm"):
         raise ManifestError(f"checkpoint mount {checkpoint_mount!r} must be an absolute path other than / and /dev/shm")
+    if team.data_bucket and checkpoint_mount.rstrip("/") == DATA_MOUNT:
+        raise ManifestError(f"checkpoint mount {checkpoint_mount!r} is where dataBucket is mounted; choose another")
 
 
 def _pod_template(image: str, args: list[str], nproc: str, team: TeamConfig, labels: dict[str, str],
@@ -212,8 +224,20 @@ def _pod_template(image: str, args: list[str], nproc: str, team: TeamConfig, lab
     if team.gpus_per_replica:
         resources["nvidia.com/gpu"] = str(team.gpus_per_replica)
     annotations = {"sidecar.istio.io/inject": "false"}
-    if team.checkpoint_bucket:
+    if team.uses_gcsfuse():
         annotations["gke-gcsfuse/volumes"] = "true"
+        annotations.update(GCSFUSE_SIDECAR_LIMITS)
+    shm = k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_size)
+    volumes = [_checkpoint_volume(team), k8s.V1Volume(name=SHM_VOLUME, empty_dir=shm)]
+    mounts = [k8s.V1VolumeMount(name=CHECKPOINT_VOLUME, mount_path=checkpoint_mount.rstrip("/")),
+              k8s.V1VolumeMount(name=SHM_VOLUME, mount_path="/dev/shm")]
+    if team.data_bucket:
+        # The team's base models and datasets: read-only, so no replica can change what another one reads.
+        volumes.append(k8s.V1Volume(name=DATA_VOLUME, csi=k8s.V1CSIVolumeSource(
+            driver=GCSFUSE_DRIVER, read_only=True,
+            volume_attributes={"bucketName": team.data_bucket,
+                               "mountOptions": f"implicit-dirs,uid={RUN_AS_USER},gid={RUN_AS_USER}"})))
+        mounts.append(k8s.V1VolumeMount(name=DATA_VOLUME, mount_path=DATA_MOUNT, read_only=True))
     container = k8s.V1Container(
         name=CONTAINER_NAME,
         image=image,
@@ -222,10 +246,7 @@ def _pod_template(image: str, args: list[str], nproc: str, team: TeamConfig, lab
         env=[k8s.V1EnvVar(name=k, value=str(v)) for k, v in sorted(env.items())] or None,
         ports=[k8s.V1ContainerPort(name=PORT_NAME, container_port=DEFAULT_PORT)],
         resources=k8s.V1ResourceRequirements(requests=dict(resources), limits=dict(resources)),
-        volume_mounts=[
-            k8s.V1VolumeMount(name=CHECKPOINT_VOLUME, mount_path=checkpoint_mount.rstrip("/")),
-            k8s.V1VolumeMount(name=SHM_VOLUME, mount_path="/dev/shm"),
-        ],
+        volume_mounts=mounts,
         security_context=k8s.V1SecurityContext(
             allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"])),
     )
@@ -233,12 +254,11 @@ def _pod_template(image: str, args: list[str], nproc: str, team: TeamConfig, lab
         metadata=k8s.V1ObjectMeta(labels=dict(labels), annotations=annotations),
         spec=k8s.V1PodSpec(
             containers=[container],
-            volumes=[_checkpoint_volume(team),
-                     k8s.V1Volume(name=SHM_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory",
-                                                                                       size_limit=shm_size))],
+            volumes=volumes,
             node_selector=team.pod_node_selector() or None,
             tolerations=[_toleration(t) for t in team.tolerations] or None,
             priority_class_name=team.priority_class_name or None,
+            service_account_name=WORKLOAD_IDENTITY_ACCOUNT if team.uses_gcsfuse() else None,
             security_context=k8s.V1PodSecurityContext(
                 run_as_non_root=True, run_as_user=RUN_AS_USER, run_as_group=RUN_AS_USER, fs_group=RUN_AS_USER,
                 seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),

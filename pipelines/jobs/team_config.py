@@ -17,10 +17,16 @@ Contract with kustomize/ (every value is a string, as in any ConfigMap):
     priorityClassName  "" = none
     trainPrecision     optional: fp32 | bf16, "" or absent = bf16 on a GPU type that has it, else fp32
     trainStrategy      optional: ddp | deepspeed | fsdp, "" or absent = ddp
+    baseModel          optional: the trainer's --base-model (tiny | a path under /data | a hub id); "" = tiny
+    dataBucket         optional: GCS bucket of models and datasets, mounted read-only at /data; "" = none
+    trainData          optional: --train-data of Katib trials (a path under /data); "" = synthetic scenes
+    evalData           optional: --eval-data of Katib trials (a path under /data); "" = synthetic scenes
 
 The same ConfigMap reaches three readers: the PyTorchJob builder (from_file / from_configmap), the KFP train
-step (from_env: kfp.kubernetes.use_config_map_as_env maps each key to the env name in ENV_NAMES) and the Katib
-trial templates. Bad input raises TeamConfigError (exit code 2) with one line naming the key.
+step (from_env: kfp.kubernetes.use_config_map_as_env maps each key to the env name in ENV_NAMES; the optional
+keys through a second, optional mapping, so a ConfigMap without them still starts the pod) and the Katib
+trial templates (generated per team by `arrcoc compile`).
+Bad input raises TeamConfigError (exit code 2) with one line naming the key.
 """
 from __future__ import annotations
 
@@ -63,13 +69,19 @@ KEYS: dict[str, str] = {
     "priorityClassName": "priority_class_name",
     "trainPrecision": "train_precision",
     "trainStrategy": "train_strategy",
+    "baseModel": "base_model",
+    "dataBucket": "data_bucket",
+    "trainData": "train_data",
+    "evalData": "eval_data",
 }
-# Keys a ConfigMap may leave out. They stay out of ENV_NAMES too: use_config_map_as_env would make a pod that
-# lacks them fail to start, so in the KFP train step only their defaults (derived from gpuType) apply.
-OPTIONAL_KEYS = ("trainPrecision", "trainStrategy")
+# Keys a ConfigMap may leave out ("" then). The KFP train step maps them to env through a second, optional
+# use_config_map_as_env, so a ConfigMap without them still starts its pod.
+OPTIONAL_KEYS = ("trainPrecision", "trainStrategy", "baseModel", "dataBucket", "trainData", "evalData")
 # GKE accelerators with bf16 tensor cores (L4, A100, H100, H200); others (T4, V100, P100) train in fp32.
 BF16_ACCELERATORS = ("nvidia-l4", "nvidia-tesla-a100", "nvidia-a100-80gb", "nvidia-h100-80gb",
                      "nvidia-h100-mega-80gb", "nvidia-h200-141gb")
+# Where every pod that reads the team's models and datasets (prepare-data, each replica, evaluate) sees dataBucket.
+DATA_MOUNT = "/data"
 
 
 def _env_name(key: str) -> str:
@@ -77,12 +89,15 @@ def _env_name(key: str) -> str:
 
 
 # ConfigMap key -> env var name (gpusPerReplica -> ARRCOC_TEAM_GPUS_PER_REPLICA, checkpointPVC ->
-# ARRCOC_TEAM_CHECKPOINT_PVC). The pipeline passes exactly this mapping to use_config_map_as_env.
-ENV_NAMES: dict[str, str] = {key: _env_name(key) for key in KEYS if key not in OPTIONAL_KEYS}
+# ARRCOC_TEAM_CHECKPOINT_PVC). The pipeline passes exactly this mapping to use_config_map_as_env (OPTIONAL_KEYS in
+# a second, optional call).
+ENV_NAMES: dict[str, str] = {key: _env_name(key) for key in KEYS}
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+# Katib's metrics collector runs the trial command through `sh -c`: no space or quote may reach its arguments.
+_ARGUMENT = re.compile(r"[^\s'\"\\]+")
 # kustomize's configMapGenerator appends a content hash unless disableNameSuffixHash is set.
 _GENERATED_NAME = re.compile(re.escape(CONFIGMAP_NAME) + r"(-[a-z0-9]{10})?")
 
@@ -108,6 +123,10 @@ class TeamConfig:
     priority_class_name: str = ""
     train_precision: str = ""
     train_strategy: str = ""
+    base_model: str = ""
+    data_bucket: str = ""
+    train_data: str = ""
+    eval_data: str = ""
 
     # ---------------------------------------------------------------- readers
 
@@ -154,11 +173,16 @@ class TeamConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TeamConfig:
         """From the env vars that kfp.kubernetes.use_config_map_as_env injects (names in ENV_NAMES)."""
         environ = os.environ if environ is None else environ
-        missing = [key for key, env in ENV_NAMES.items() if env not in environ]
+        missing = [key for key, env in ENV_NAMES.items() if env not in environ and key not in OPTIONAL_KEYS]
         if missing:
             key = missing[0]
             raise TeamConfigError(f"environment: {ENV_NAMES[key]} (team-config key {key}) is not set")
-        return cls.from_configmap({key: environ[env] for key, env in ENV_NAMES.items()}, source="environment")
+        return cls.from_configmap({key: environ[env] for key, env in ENV_NAMES.items() if env in environ},
+                                  source="environment")
+
+    def uses_gcsfuse(self) -> bool:
+        """Whether its pods mount a bucket through the GCS FUSE CSI driver (checkpoints, or models and data)."""
+        return bool(self.checkpoint_bucket or self.data_bucket)
 
     def trainer_precision(self) -> str:
         """--precision for this team's GPUs: bf16 where the accelerator has bf16 tensor cores."""
@@ -240,8 +264,16 @@ class TeamConfig:
         for key, allowed in (("trainPrecision", PRECISIONS), ("trainStrategy", STRATEGIES)):
             if data[key] and data[key] not in allowed:
                 raise fail(key, f"is not one of {', '.join(allowed)} (or empty)")
-        if data["checkpointBucket"] and not _BUCKET.fullmatch(data["checkpointBucket"]):
-            raise fail("checkpointBucket", "must be empty or a GCS bucket name (no gs:// prefix)")
+        for key in ("checkpointBucket", "dataBucket"):
+            if data[key] and not _BUCKET.fullmatch(data[key]):
+                raise fail(key, "must be empty or a GCS bucket name (no gs:// prefix)")
+        if data["baseModel"] and not _ARGUMENT.fullmatch(data["baseModel"]):
+            raise fail("baseModel", "must be empty, tiny, a path or a hub id, without spaces or quotes")
+        for key in ("trainData", "evalData"):
+            if data[key] and (not _ARGUMENT.fullmatch(data[key]) or not data[key].startswith(DATA_MOUNT + "/")):
+                raise fail(key, f"must be empty or a path under {DATA_MOUNT}/ (where dataBucket is mounted)")
+            if data[key] and not data["dataBucket"]:
+                raise fail(key, f"needs dataBucket: {DATA_MOUNT} is where that bucket is mounted")
         config = cls(
             team=team, capacity=data["capacity"], gpu_type=data["gpuType"], gpus_per_replica=ints["gpusPerReplica"],
             cpu_per_replica=data["cpuPerReplica"], memory_per_replica=data["memoryPerReplica"],
@@ -249,6 +281,8 @@ class TeamConfig:
             checkpoint_bucket=data["checkpointBucket"], checkpoint_pvc=data["checkpointPVC"],
             backoff_limit=ints["backoffLimit"], priority_class_name=data["priorityClassName"],
             train_precision=data["trainPrecision"], train_strategy=data["trainStrategy"],
+            base_model=data["baseModel"], data_bucket=data["dataBucket"], train_data=data["trainData"],
+            eval_data=data["evalData"],
         )
         # capacity/gpuType and an explicit nodeSelector must not disagree, or pods would never schedule.
         spot = selector.get(SPOT_LABEL)

@@ -4,7 +4,11 @@ The same function runs on a cluster (compiled by `arrcoc compile`, uploaded in t
 and on a laptop (`arrcoc demo`: kfp.local, backend "local"). Task-level Kubernetes settings (kfp.kubernetes)
 compile into the platform spec, the second YAML document; kfp.local ignores them. Why each one is there:
 
-- team-config as env on train: the PyTorchJob builder reads the team's scheduling from it (TeamConfig.from_env).
+- team-config as env on train: the PyTorchJob builder reads the team's scheduling from it (TeamConfig.from_env);
+  its optional keys come through a second mapping marked optional, which leaves a key the ConfigMap lacks unset
+  instead of failing the pod (KFP's driver copies `optional` onto each configMapKeyRef:
+  backend/src/v2/driver/k8s.go).
+- base_model "" takes the team-config's baseModel (tiny when that is empty too).
 - the checkpoint PVC on train, register and prepare-data: train stages the datasets where the replicas read
   them (see components/train.py), register writes the model store, prepare-data can read an image folder
   kept on the team volume.
@@ -25,7 +29,7 @@ from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Metrics, Model
 
 from pipelines.jobs.pytorchjob import CHECKPOINT_MOUNT, RUN_AS_USER
-from pipelines.jobs.team_config import CONFIGMAP_NAME, ENV_NAMES, SPOT_LABEL
+from pipelines.jobs.team_config import CONFIGMAP_NAME, ENV_NAMES, OPTIONAL_KEYS, SPOT_LABEL
 from pipelines.kfp_pipeline.components import BASE_IMAGE
 from pipelines.kfp_pipeline.components.evaluate import evaluate
 from pipelines.kfp_pipeline.components.prepare_data import prepare_data
@@ -66,7 +70,8 @@ def _spot_tolerant(task: dsl.PipelineTask) -> dsl.PipelineTask:
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Prepare data, train the ARR-COC adapter as a PyTorchJob, "
-              "evaluate it with pictures, and register it when relevance_score >= threshold.")
+              "evaluate it with pictures, and register it when gate_metric (relevance_score or vqa_accuracy) "
+              ">= threshold.")
 def arrcoc_train(
     source: str = "synthetic",
     seed: int = DEFAULTS.seed,
@@ -83,6 +88,9 @@ def arrcoc_train(
     precision: str = "",  # "": the team-config's trainPrecision (bf16 on GPUs that have it, else fp32)
     grad_accum: int = DEFAULTS.grad_accum,
     activation_checkpointing: bool = DEFAULTS.activation_checkpointing,
+    token_fraction: float = DEFAULTS.token_fraction,
+    token_budget: int = DEFAULTS.token_budget,
+    max_bad_fraction: float = DEFAULTS.max_bad_fraction,
     workers: int = 1,
     nproc_per_node: str = "",
     image: str = BASE_IMAGE,
@@ -91,6 +99,7 @@ def arrcoc_train(
     train_timeout_minutes: int = 720,
     delete_job: str = "on-success",
     threshold: float = DEFAULT_THRESHOLD,
+    gate_metric: str = "relevance_score",
     model_store: str = CHECKPOINT_MOUNT + "/models",
     report_samples: int = 8,
 ) -> Outputs:
@@ -106,24 +115,29 @@ def arrcoc_train(
         compress_vs_particularize=compress_vs_particularize, exploit_vs_explore=exploit_vs_explore,
         focus_vs_diversify=focus_vs_diversify, base_model=base_model, strategy=strategy, precision=precision,
         grad_accum=grad_accum, activation_checkpointing=activation_checkpointing,
+        token_fraction=token_fraction, token_budget=token_budget, max_bad_fraction=max_bad_fraction,
     )
     # The launcher only waits; its own timeout outlives the job's longest allowed deadline.
     _common(trained, "train", "500m", "1Gi", (MAX_TIMEOUT_MINUTES + 30) * 60)
-    kubernetes.use_config_map_as_env(trained, config_map_name=CONFIGMAP_NAME, config_map_key_to_env=dict(ENV_NAMES))
+    kubernetes.use_config_map_as_env(trained, config_map_name=CONFIGMAP_NAME, config_map_key_to_env={
+        key: env for key, env in ENV_NAMES.items() if key not in OPTIONAL_KEYS})
+    kubernetes.use_config_map_as_env(trained, config_map_name=CONFIGMAP_NAME, optional=True,
+                                     config_map_key_to_env={key: ENV_NAMES[key] for key in OPTIONAL_KEYS})
     kubernetes.mount_pvc(trained, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
     kubernetes.add_node_affinity(trained, match_expressions=[{"key": SPOT_LABEL, "operator": "DoesNotExist"}])
     # A cached train step would skip the PyTorchJob; the run id input already differs per run, this says so.
     trained.set_caching_options(False)
 
     scored = evaluate(adapter=trained.outputs["adapter"], eval_data=prep.outputs["eval_data"],
-                      report_samples=report_samples, threshold=threshold)
+                      report_samples=report_samples, threshold=threshold, gate_metric=gate_metric)
     _spot_tolerant(_common(scored, "evaluate", "2", "4Gi", 3600))
     kubernetes.use_secret_as_env(scored, secret_name=HF_SECRET, secret_key_to_env={"token": "HF_TOKEN"}, optional=True)
 
     with dsl.If(scored.outputs["Output"] >= threshold, name="relevance-gate"):
         registered = register(adapter=trained.outputs["adapter"], metrics=scored.outputs["metrics"],
                               train_data=prep.outputs["train_data"], eval_data=prep.outputs["eval_data"],
-                              model_store=model_store, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, threshold=threshold)
+                              model_store=model_store, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, threshold=threshold,
+                              gate_metric=gate_metric)
         _common(registered, "register", "500m", "1Gi", 900)
         kubernetes.mount_pvc(registered, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
 

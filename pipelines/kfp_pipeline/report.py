@@ -192,13 +192,14 @@ def html_report(metrics: Mapping[str, float], baseline: Mapping[str, float], ten
 
 
 def markdown_summary(metrics: Mapping[str, float], baseline: Mapping[str, float], tensions: Mapping[str, float],
-                     threshold: float, budget_curve: Mapping | None = None) -> str:
-    score = metrics["relevance_score"]
+                     threshold: float, budget_curve: Mapping | None = None,
+                     gate_metric: str = "relevance_score") -> str:
+    score = metrics[gate_metric]
     verdict = "passes" if score >= threshold else "does not pass"
     lines = [
         "# ARR-COC evaluation",
         "",
-        f"relevance_score **{score:.4f}** {verdict} the gate (threshold {threshold:g}).",
+        f"{gate_metric} **{score:.4f}** {verdict} the gate (threshold {threshold:g}).",
         "",
         "| metric | adapter | random allocation |",
         "|---|---|---|",

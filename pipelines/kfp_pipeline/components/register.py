@@ -7,7 +7,7 @@ from pipelines.kfp_pipeline.components import COMPONENT_OPTIONS
 
 @dsl.component(**COMPONENT_OPTIONS)
 def register(adapter: Input[Model], metrics: Input[Metrics], train_data: Input[Dataset], eval_data: Input[Dataset],
-             model_store: str, run_id: str, threshold: float) -> str:
+             model_store: str, run_id: str, threshold: float, gate_metric: str) -> str:
     """Copy the adapter and its model card to <model_store>/<run_id>; returns that path."""
     from pipelines.kfp_pipeline.steps.register import register_model
 
@@ -17,6 +17,6 @@ def register(adapter: Input[Model], metrics: Input[Metrics], train_data: Input[D
                "data_seed": int(train_data.metadata.get("seed", -1)),
                "pytorchjob": adapter.metadata.get("pytorchjob", "")}
     values = {k: float(v) for k, v in metrics.metadata.items() if isinstance(v, (int, float))}
-    path = register_model(adapter.path, model_store, run_id, values, threshold, lineage)
+    path = register_model(adapter.path, model_store, run_id, values, threshold, lineage, gate_metric=gate_metric)
     print(f"registered: {path}")
     return str(path)

@@ -1,7 +1,8 @@
 """The evaluate step's work: the adapter's metrics on the prepared eval set, and the pictures to look at.
 
-The relevance_score it returns is what the gate compares with the threshold. The eval set is the one
-prepare-data wrote (every scene counted once); a random-allocation baseline on the same scenes gives the floor.
+The gate metric it returns (relevance_score or vqa_accuracy) is what the gate compares with the threshold. The eval
+set is the one prepare-data wrote (every scene counted once); a random-allocation baseline on the same scenes gives
+the floor.
 """
 from __future__ import annotations
 
@@ -12,7 +13,35 @@ from typing import Any
 
 import numpy as np
 
+from trainer.errors import UserError
+
 MAX_FOLDER_IMAGES = 4  # each image folder picture is drawn under every colour query: 6 rows apiece
+
+
+# What the gate may compare with its threshold. relevance_score needs ground-truth boxes in the eval set (synthetic,
+# vqa-synthetic, GQA); VQAv2 has none, so a VQAv2 run gates on vqa_accuracy.
+GATE_METRICS = ("relevance_score", "vqa_accuracy")
+
+
+class GateMetricError(UserError):
+    """The gate metric is not one we know, or this eval set does not produce it: one line, exit code 2."""
+
+
+def check_gate_metric(gate_metric: str) -> None:
+    if gate_metric not in GATE_METRICS:
+        raise GateMetricError(f"gate_metric={gate_metric!r} is not one of {', '.join(GATE_METRICS)}")
+
+
+def gate_value(metrics: dict[str, float], gate_metric: str) -> float:
+    """The value the gate compares with the threshold; a one-line error when this eval set has no such metric."""
+    check_gate_metric(gate_metric)
+    value = metrics.get(gate_metric)
+    if value is None or value != value:  # absent, or NaN: a VLM eval set without boxes has no relevance_score
+        present = ", ".join(m for m in GATE_METRICS if metrics.get(m) is not None and metrics[m] == metrics[m])
+        raise GateMetricError(f"gate_metric={gate_metric!r}: this eval set does not produce it (it has: "
+                              f"{present or 'none of ' + ', '.join(GATE_METRICS)}); VQAv2 has no boxes, so gate "
+                              f"it on vqa_accuracy")
+    return float(value)
 
 
 def _rows(model, batch: dict[str, np.ndarray], labels: list[str], with_truth: bool) -> list:
@@ -56,17 +85,20 @@ def _folder_batch(images: np.ndarray, names: np.ndarray) -> tuple[dict[str, np.n
 
 
 def evaluate_adapter(adapter_dir: str | Path, eval_dir: str | Path, report_samples: int,
-                     threshold: float) -> tuple[dict[str, float], dict[str, float], str, str, dict[str, Any]]:
-    """(metrics, random-allocation baseline, HTML page, Markdown summary, tensions)."""
+                     threshold: float, gate_metric: str = GATE_METRICS[0]
+                     ) -> tuple[dict[str, float], dict[str, float], str, str, dict[str, Any]]:
+    """(metrics, random-allocation baseline, HTML page, Markdown summary, tensions). The metrics hold gate_metric
+    (GateMetricError otherwise, raised before the report is drawn)."""
     import torch
 
     from pipelines.kfp_pipeline.report import html_report, load_curves, markdown_summary
     from trainer.evaluation import eval_source, evaluate
     from trainer.model import ArrCoc, cells_selected
 
+    check_gate_metric(gate_metric)  # before minutes of evaluation
     eval_dir = Path(eval_dir)
     if (eval_dir / "data.jsonl").is_file():  # prepare-data's JSONL for a Qwen-VL base
-        return _evaluate_vlm_adapter(adapter_dir, eval_dir, threshold)
+        return _evaluate_vlm_adapter(adapter_dir, eval_dir, threshold, gate_metric)
     with np.load(eval_dir / "scenes.npz") as data:
         arrays = {key: data[key] for key in data.files}
     count = len(arrays["images"])
@@ -76,6 +108,7 @@ def evaluate_adapter(adapter_dir: str | Path, eval_dir: str | Path, report_sampl
     cfg = model.cfg.validate()
     cpu = torch.device("cpu")
     metrics = evaluate(model, cfg, eval_source(cfg), cpu)
+    gate_value(metrics, gate_metric)
     baseline = evaluate(model, cfg, eval_source(cfg), cpu, random_allocation=True)
     model.eval()
 
@@ -90,10 +123,11 @@ def evaluate_adapter(adapter_dir: str | Path, eval_dir: str | Path, report_sampl
     facts = {"eval scenes": count, "data source": meta.get("source", "?"), "seed": cfg.seed,
              "base model": cfg.base_model, "cells selected (K)": cells_selected(cfg)}
     page = html_report(metrics, baseline, tensions, facts, scene_rows, folder_rows, curves=load_curves(adapter_dir))
-    return metrics, baseline, page, markdown_summary(metrics, baseline, tensions, threshold), tensions
+    summary = markdown_summary(metrics, baseline, tensions, threshold, gate_metric=gate_metric)
+    return metrics, baseline, page, summary, tensions
 
 
-def _evaluate_vlm_adapter(adapter_dir: Path | str, eval_dir: Path, threshold: float):
+def _evaluate_vlm_adapter(adapter_dir: Path | str, eval_dir: Path, threshold: float, gate_metric: str):
     """A Qwen-VL adapter: VQA metrics, the random-selection baseline, and the accuracy vs budget curve."""
     from pipelines.kfp_pipeline.report import html_report, markdown_summary
     from trainer.evaluation import eval_source, evaluate
@@ -105,15 +139,14 @@ def _evaluate_vlm_adapter(adapter_dir: Path | str, eval_dir: Path, threshold: fl
     source = eval_source(model.cfg, model)
     cfg = model.cfg = dataclasses.replace(model.cfg, eval_size=len(source)).validate()  # every question once
     metrics = evaluate(model, cfg, source, None)
+    gate_value(metrics, gate_metric)
     baseline = evaluate(model, cfg, source, None, random_allocation=True)
     curve = budget_curve(model, cfg, source)
     tensions = cfg.tensions()
     facts = {"eval questions": len(source), "base model": cfg.base_model, "seed": cfg.seed,
              "visual tokens read (mean)": metrics["visual_tokens"]}
     page = html_report(metrics, baseline, tensions, facts, [], [], budget_curve=curve)
-    # the gate reads relevance_score, which needs boxes in the eval set (VQAv2 has none: gate on vqa_accuracy)
-    summary = markdown_summary({"relevance_score": float("nan"), **metrics}, baseline, tensions, threshold,
-                               budget_curve=curve)
+    summary = markdown_summary(metrics, baseline, tensions, threshold, budget_curve=curve, gate_metric=gate_metric)
     # the curve's points also go to KFP Metrics (the evaluate step logs every value): comparable across runs
     for row in curve["rows"]:
         for key, name in (("relevance", "arrcoc"), ("random", "random"), ("uniform", "uniform")):

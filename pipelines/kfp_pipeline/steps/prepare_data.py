@@ -182,7 +182,8 @@ def prepare(source: str, seed: int, train_size: int, eval_size: int, train_dir: 
     # Read (and fail on) the folder before anything is written: a failed step leaves no half dataset behind.
     folder = None if source == SYNTHETIC else read_folder(source)
 
-    common = {"source": source, "seed": seed, "image_shape": [64, 64, 3], "relevance_shape": [8, 8], "format": "trainer.data (scenes.npz + metadata.json)"}
+    common = {"source": source, "seed": seed, "image_shape": [64, 64, 3], "relevance_shape": [8, 8],
+              "format": "trainer.data (scenes.npz + metadata.json)"}
     train = generate(seed, 0, train_size)
     train_meta = {**common, "split": "train", "count": train_size, "stream_offset": 0,
                   "training_images": SYNTHETIC}

@@ -3,7 +3,7 @@
 Layout: <model_store>/<run id>/adapter/ (the loadable adapter), model_card.json (machine-readable) and
 MODEL_CARD.md (for people). The entry appears whole or not at all: it is assembled in a temporary directory
 beside it and renamed into place; a retried step replaces its own entry. The pipeline calls this step only
-inside dsl.If(relevance_score >= threshold), so below the threshold nothing is written.
+inside dsl.If(<gate metric> >= threshold), so below the threshold nothing is written.
 """
 from __future__ import annotations
 
@@ -12,16 +12,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from trainer.files import replace_dir
 from trainer.config import TENSIONS
+from trainer.files import replace_dir
 
 
-def model_card(adapter_dir: Path, metrics: dict[str, float], threshold: float, lineage: dict[str, Any]) -> dict:
+def model_card(adapter_dir: Path, metrics: dict[str, float], threshold: float, lineage: dict[str, Any],
+               gate_metric: str = "relevance_score") -> dict:
     config = json.loads((adapter_dir / "arrcoc_config.json").read_text())
     return {
         "model": "arrcoc-adapter",
         "metrics": dict(sorted(metrics.items())),
-        "gate": {"metric": "relevance_score", "threshold": threshold},
+        "gate": {"metric": gate_metric, "threshold": threshold},
         "tensions": {name: config[name] for name in TENSIONS},
         "training": {k: config[k] for k in ("steps", "batch_size", "lr", "seed", "base_model", "strategy")},
         "lineage": lineage,
@@ -32,14 +33,15 @@ def card_markdown(card: dict) -> str:
     lines = ["# ARR-COC adapter", "", f"Registered from KFP run `{card['lineage'].get('run_id')}`.", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in card["metrics"].items()]
-    lines += ["", f"Gate: relevance_score >= {card['gate']['threshold']:g}.", "", "| tension | value |", "|---|---|"]
+    lines += ["", f"Gate: {card['gate']['metric']} >= {card['gate']['threshold']:g}.", "",
+              "| tension | value |", "|---|---|"]
     lines += [f"| {k} | {v:g} |" for k, v in card["tensions"].items()]
     lines += ["", "Lineage:", ""] + [f"- {k}: `{v}`" for k, v in card["lineage"].items()]
     return "\n".join(lines) + "\n"
 
 
 def register_model(adapter_dir: str | Path, model_store: str | Path, run_id: str, metrics: dict[str, float],
-                   threshold: float, lineage: dict[str, Any]) -> Path:
+                   threshold: float, lineage: dict[str, Any], gate_metric: str = "relevance_score") -> Path:
     adapter_dir, store = Path(adapter_dir), Path(model_store)
     if not (adapter_dir / "arrcoc_config.json").is_file():
         raise ValueError(f"adapter {adapter_dir}: no arrcoc_config.json; not an ARR-COC adapter")
@@ -48,7 +50,7 @@ def register_model(adapter_dir: str | Path, model_store: str | Path, run_id: str
     tmp = store / f".{run_id}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(adapter_dir, tmp / "adapter")
-    card = model_card(adapter_dir, metrics, threshold, {"run_id": run_id, **lineage})
+    card = model_card(adapter_dir, metrics, threshold, {"run_id": run_id, **lineage}, gate_metric)
     (tmp / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     (tmp / "MODEL_CARD.md").write_text(card_markdown(card))
     return replace_dir(tmp, final)

@@ -84,6 +84,10 @@ def run_training(*, backend: str, run_id: str, train_dir: str, eval_dir: str, ad
     if not 1 <= int(timeout_minutes) <= MAX_TIMEOUT_MINUTES:
         raise TrainStepError(f"train_timeout_minutes={timeout_minutes} must be in 1..{MAX_TIMEOUT_MINUTES}")
     team = team_config(backend)
+    if "base_model" in params and not params["base_model"]:
+        from trainer.config import TrainConfig
+
+        params = {**params, "base_model": team.base_model or TrainConfig().base_model}
     container_root = f"{CHECKPOINT_MOUNT}/{run_id}"
     job = build_pytorchjob(
         job_name_for(run_id), team=team, image=image,
