@@ -109,7 +109,8 @@ def trial_spec(head: dict, team: TeamConfig | None = None) -> dict[str, Any]:
     if KATIB_TRIAL_NAME != f"${{trialParameters.{names[0] if names else ''}}}":
         raise TrialSpecError(f"{EXPERIMENT}: spec.trialTemplate.trialParameters needs "
                              f"{{name: trialName, reference: ${{trialSpec.Name}}}} (the trial's run id)")
-    team = dataclasses.replace(team or TeamConfig.from_file(BASE_TEAM_CONFIG), priority_class_name=SWEEP_PRIORITY_CLASS)
+    team = team or TeamConfig.from_file(BASE_TEAM_CONFIG)
+    team = dataclasses.replace(team, priority_class_name=SWEEP_PRIORITY_CLASS)
     job = to_manifest(build_pytorchjob(
         "trial", team=team, trainer_args=trainer_args(head, team), workers=1, run_id=KATIB_TRIAL_NAME,
         active_deadline_seconds=ACTIVE_DEADLINE_SECONDS, ttl_seconds_after_finished=None,
@@ -152,7 +153,8 @@ def rendered_team_config(team: str) -> TeamConfig:
     except FileNotFoundError:
         raise TrialSpecError("kubectl is not installed: it renders kustomize/overlays/<team>") from None
     if result.returncode != 0:
-        raise TrialSpecError(f"kubectl kustomize {TEAM_OVERLAYS / team}: {result.stderr.strip().splitlines()[-1:]}")
+        last = (result.stderr.strip().splitlines() or ["failed"])[-1]
+        raise TrialSpecError(f"kubectl kustomize {TEAM_OVERLAYS / team}: {last}")
     for doc in yaml.safe_load_all(result.stdout):
         if doc and doc.get("kind") == "ConfigMap" and doc["metadata"]["name"].startswith("team-config"):
             return TeamConfig.from_configmap(doc, source=f"kustomize/overlays/{team}")
