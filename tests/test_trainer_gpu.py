@@ -238,3 +238,18 @@ def test_the_pipeline_report_draws_the_runs_loss_and_eval_curves(tmp_path):
     page = html_report(metrics, metrics, {}, {}, [], [], curves)
     assert "Training curves" in page and page.count("<svg") == 1 and "data:image/png" not in page
     assert "Training curves" not in html_report(metrics, metrics, {}, {}, [], [], load_curves(tmp_path))
+
+
+def test_every_rank_runs_the_same_number_of_eval_forwards_when_the_eval_set_does_not_split_evenly():
+    """5 eval samples, batch 1, 2 ranks: rank 1 has 2 samples but must run 3 forwards (each is a collective under
+    FSDP); its third batch is a stand-in with weight 0, so every sample is counted exactly once."""
+    from trainer.evaluation import batches_per_rank, eval_source, load_eval_batches, shard
+
+    cfg = TrainConfig(eval_size=5, batch_size=1).validate()
+    counted = []
+    for rank in (0, 1):
+        world = World(rank=rank, world_size=2)
+        entries = load_eval_batches(eval_source(cfg), shard(cfg.eval_size, world), batches_per_rank(cfg, world), 0)
+        assert len(entries) == 3
+        counted += [int(i) for indices, _, weight in entries if weight for i in indices]
+    assert sorted(counted) == [0, 1, 2, 3, 4]

@@ -60,6 +60,7 @@ def test_saved_adapter_reproduces_the_final_metrics(trained):
     assert json.loads((out / "adapter" / "arrcoc_config.json").read_text())["focus_vs_diversify"] == 0.5
 
 
+@pytest.mark.slow  # three trainer runs; test_trainer_gpu's bf16 + accumulation SIGTERM/resume test covers this loop
 def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
     common = ["--steps", "40", *FAST, "--seed", "5"]
     straight = tmp_path / "straight"

@@ -42,13 +42,17 @@ def batches_per_rank(cfg: TrainConfig, world: World) -> int:
 
 
 def load_eval_batches(source: SceneSource, indices: np.ndarray, batch_count: int, num_workers: int,
-                      pin_memory: bool = False) -> list[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+                      pin_memory: bool = False) -> list[tuple[np.ndarray, dict[str, torch.Tensor], float]]:
     """The eval set, read once through a DataLoader (worker processes, not the training thread) and kept on the
-    host: every evaluation of a run scores the same samples. Each entry: (sample indices, batch)."""
-    chunks = [c for c in np.array_split(indices, batch_count) if len(c)]
+    host: every evaluation of a run scores the same samples. Each entry: (sample indices, batch, weight). Exactly
+    batch_count entries: a rank whose share has fewer samples than that gets stand-in batches of sample 0 with
+    weight 0, so that every rank runs the same number of forwards (under FSDP each is a collective)."""
+    chunks = np.array_split(indices, batch_count)
+    weights = [1.0 if len(c) else 0.0 for c in chunks]
+    chunks = [c if len(c) else np.zeros(1, dtype=np.int64) for c in chunks]
     loader = DataLoader(SceneDataset(source), batch_sampler=[c.tolist() for c in chunks], num_workers=num_workers,
                         collate_fn=collate, pin_memory=pin_memory, worker_init_fn=quiet_worker)
-    return list(zip(chunks, loader))
+    return list(zip(chunks, loader, weights))
 
 
 def batch_sums(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -74,10 +78,10 @@ def score(model, cfg: TrainConfig, batches, device: torch.device, world: World =
     random_maps = torch.rand((cfg.eval_size, cfg.grid * cfg.grid), generator=torch.Generator().manual_seed(cfg.seed)) \
         if random_allocation else None
     totals = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
-    for indices, host_batch in batches:
+    for indices, host_batch, weight in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in host_batch.items()}
         random_r = random_maps[torch.from_numpy(indices)].to(device) if random_allocation else None
-        totals += batch_sums(model(batch, random_relevance=random_r), batch).to(totals.dtype)
+        totals += weight * batch_sums(model(batch, random_relevance=random_r), batch).to(totals.dtype)
     if world.distributed:
         dist.all_reduce(totals)
     model.train(was_training)

@@ -94,7 +94,8 @@ class VisualQueryScorer(nn.Module):
 
 class VlmCollator:
     """Dict samples of trainer.vqa.VqaDataset -> one batch: pixel patches, grids, the full token sequences
-    (every image placeholder present, right-padded), texture cells and ground-truth relevance per image."""
+    (every image placeholder present, right-padded), M-RoPE positions, the images at the processor's size for
+    the texture arrays, and ground-truth relevance per image."""
 
     def __init__(self, tokenizer, image_processor, config, rope_index):
         # rope_index: the base model's get_rope_index, a function of the ids and the config only. Run here, in a
@@ -112,22 +113,20 @@ class VlmCollator:
         processed = self.image_processor(images=[s["pixels"] for s in samples], return_tensors="pt")
         grid_thw = processed["image_grid_thw"]
         rows, truth, counts = [], [], []
-        texture, entropy, edges = ([None] * len(samples) for _ in range(3))
+        texture_images = []
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, (sample, (t, h, w)) in enumerate(zip(samples, grid_thw.tolist())):
             gh, gw = h // self.merge, w // self.merge
             counts.append(t * gh * gw)
             by_size.setdefault((h, w), []).append(i)
             truth.append(self._truth(sample, h * self.patch, w * self.patch, gh, gw))
-        for (h, w), members in by_size.items():  # one texture pass per image size the processor produced
+        # The resized uint8 images, grouped by size: the model computes their texture arrays on its device, one
+        # batched pass per image size the processor produced.
+        for (h, w), members in by_size.items():
             height, width = h * self.patch, w * self.patch  # the size the processor resized these images to
             images = np.stack([cv2.resize(samples[i]["pixels"], (width, height), interpolation=cv2.INTER_AREA)
                                for i in members])
-            feats = cell_features(torch.from_numpy(images), (h // self.merge, w // self.merge))
-            for j, i in enumerate(members):
-                texture[i] = feats.texture[j].flatten(1).t()
-                entropy[i] = feats.entropy[j].flatten()
-                edges[i] = feats.edges[j].flatten()
+            texture_images.append((members, torch.from_numpy(images), (h // self.merge, w // self.merge)))
         for sample, n in zip(samples, counts):
             question = self.tokenizer(PROMPT.format(question=sample["question"]), add_special_tokens=False).input_ids
             target = Counter(sample["answers"]).most_common(1)[0][0]  # the annotators' majority answer
@@ -144,8 +143,8 @@ class VlmCollator:
                                            image_grid_thw=grid_thw, attention_mask=mask)
         return {"pixel_values": processed["pixel_values"], "image_grid_thw": grid_thw, "input_ids": ids,
                 "attention_mask": mask, "position_ids": positions, "prompt_lengths": [len(p) for p, _ in rows],
-                "answer_lengths": [len(a) for _, a in rows], "visual_counts": counts, "texture": texture,
-                "entropy": entropy, "edges": edges, "truth": truth, "answers": [s["answers"] for s in samples]}
+                "answer_lengths": [len(a) for _, a in rows], "visual_counts": counts,
+                "texture_images": texture_images, "truth": truth, "answers": [s["answers"] for s in samples]}
 
     @staticmethod
     def _truth(sample: dict, height: int, width: int, gh: int, gw: int) -> torch.Tensor | None:
@@ -220,6 +219,20 @@ class ArrCocVLM(nn.Module):
             logits = logits + noise
         return logits.topk(k).indices.sort().values
 
+    def _cell_features(self, batch: dict) -> tuple[list, list, list]:
+        """Texture [n,13], entropy [n] and edge [n] per image on the merged-token grid, computed batched on the
+        model's device in fp32 (bf16 autocast off: the features are not trained)."""
+        count = len(batch["visual_counts"])
+        texture, entropy, edges = [None] * count, [None] * count, [None] * count
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            for members, images, grid in batch["texture_images"]:
+                feats = cell_features(images.to(self.device, non_blocking=True), grid)
+                for j, i in enumerate(members):
+                    texture[i] = feats.texture[j].flatten(1).t()
+                    entropy[i] = feats.entropy[j].flatten()
+                    edges[i] = feats.edges[j].flatten()
+        return texture, entropy, edges
+
     def _sequences(self, batch: dict, with_answer: bool, noise: torch.Tensor | None, selection: str,
                    fraction: float | None, generator: torch.Generator | None) -> dict:
         cfg, base, device = self.cfg, self.base, self.device
@@ -231,6 +244,7 @@ class ArrCocVLM(nn.Module):
                                                    return_dict=True)
             text_embeds = embed(ids)
         deepstack = getattr(vision, "deepstack_features", None)
+        texture, entropy, edges = self._cell_features(batch)
         c = cfg.compress_vs_particularize
         rows, positions, kept_deep, relevance, selected, aux_terms = [], [], [], [], [], []
         for i, n in enumerate(batch["visual_counts"]):
@@ -238,11 +252,10 @@ class ArrCocVLM(nn.Module):
             end = prompt_len + (batch["answer_lengths"][i] if with_answer else 0)
             visual = vision.pooler_output[i].to(text_embeds.dtype)
             question = text_embeds[i, n + 2:prompt_len].mean(0)
-            cells = torch.cat([batch["texture"][i].to(device), visual], dim=-1)
+            cells = torch.cat([texture[i], visual], dim=-1)
             q = self.participatory(cells, question)
-            p = batch["entropy"][i].to(device)
-            edges = batch["edges"][i].to(device)
-            s = edges / edges.max().clamp_min(1e-8)
+            p = entropy[i]
+            s = edges[i] / edges[i].max().clamp_min(1e-8)
             r = c * (p + s) / 2 + (1 - c) * q
             k = kept_count(cfg, n, fraction)
             sel = self._select(r, k, selection, None if noise is None else noise[i, :n], generator)
