@@ -149,8 +149,35 @@ def level_of_detail(pixels: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     return out.reshape(b, k, c * h * w)
 
 
-class ArrCoc(nn.Module):
+class TrainableState:
+    """What checkpoints and adapters hold, for both models (ArrCoc, ArrCocVLM): the trainable tensors (the
+    LoRA and the ARR-COC modules) and the config. `base_name` names the attribute holding the peft-wrapped
+    frozen base, whose save_pretrained writes the LoRA files."""
+
+    base_name: str
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = {n for n, p in self.named_parameters() if p.requires_grad} - set(state)
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+        self.load_state_dict(state, strict=False)
+
+    def save_adapter(self, directory: Path) -> None:
+        """peft adapter files + the ARR-COC modules (everything trainable outside the base) + the config."""
+        getattr(self, self.base_name).save_pretrained(str(directory))
+        modules = {k: v for k, v in self.trainable_state().items() if not k.startswith(self.base_name + ".")}
+        torch.save(modules, directory / ADAPTER_MODULES)
+        (directory / ADAPTER_CONFIG).write_text(json.dumps(self.cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+class ArrCoc(TrainableState, nn.Module):
     """The whole adapter around a frozen LM. With adapter_dir, the LoRA weights come from a saved adapter."""
+
+    base_name = "lm"
 
     def __init__(self, cfg: TrainConfig, adapter_dir: Path | None = None):
         super().__init__()
@@ -252,24 +279,6 @@ class ArrCoc(nn.Module):
         return {"loss": loss, "lm_loss": lm_loss, "aux_loss": aux, "share": alloc.share,
                 "selected": sel, "relevance": r, "prediction": answer_only.argmax(-1),
                 "answer_loss": F.cross_entropy(answer_logits, batch["answers"], reduction="none")}
-
-    # --- the trainable state: what checkpoints and adapters hold -------------------------------
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        missing = {n for n, p in self.named_parameters() if p.requires_grad} - set(state)
-        if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
-        self.load_state_dict(state, strict=False)
-
-    def save_adapter(self, directory: Path) -> None:
-        """peft adapter files + the ARR-COC modules (everything trainable outside the LM) + the config."""
-        self.lm.save_pretrained(str(directory))
-        modules = {k: v for k, v in self.trainable_state().items() if not k.startswith("lm.")}
-        torch.save(modules, directory / ADAPTER_MODULES)
-        (directory / ADAPTER_CONFIG).write_text(json.dumps(self.cfg.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_adapter(cls, directory: Path, **overrides) -> ArrCoc:

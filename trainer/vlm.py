@@ -29,7 +29,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from .config import TrainConfig
 from .errors import UserError
-from .model import gumbel_noise
+from .model import TrainableState, gumbel_noise
 from .texture import CHANNELS, cell_features
 
 VLM_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -160,8 +160,10 @@ class VlmCollator:
         return torch.from_numpy(cells).flatten()
 
 
-class ArrCocVLM(nn.Module):
+class ArrCocVLM(TrainableState, nn.Module):
     """The adapter around a frozen Qwen-VL with a LoRA on its language model."""
+
+    base_name = "vlm"
 
     def __init__(self, cfg: TrainConfig, adapter_dir: Path | None = None):
         super().__init__()
@@ -360,22 +362,3 @@ class ArrCocVLM(nn.Module):
         answers = [self.tokenizer.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True)
                    for row in tokens]
         return [a.strip() for a in answers], seq
-
-    # --- the trainable state: what checkpoints and adapters hold ---------------------------------------------
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        missing = {n for n, p in self.named_parameters() if p.requires_grad} - set(state)
-        if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
-        self.load_state_dict(state, strict=False)
-
-    def save_adapter(self, directory: Path) -> None:
-        from .model import ADAPTER_CONFIG, ADAPTER_MODULES
-
-        self.vlm.save_pretrained(str(directory))
-        modules = {k: v for k, v in self.trainable_state().items() if not k.startswith("vlm.")}
-        torch.save(modules, directory / ADAPTER_MODULES)
-        (directory / ADAPTER_CONFIG).write_text(json.dumps(self.cfg.to_dict(), indent=2, sort_keys=True) + "\n")
