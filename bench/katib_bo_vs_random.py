@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines.sweeps.experiment import observe, read_experiment, render_trial  # noqa: E402
 from pipelines.sweeps.suggestion import Observed, make_service  # noqa: E402
+from trainer.files import write_json_atomic  # noqa: E402
 
 TENSIONS = ("compress_vs_particularize", "exploit_vs_explore", "focus_vs_diversify")
 LOW, HIGH = 0.01, 1.0
@@ -66,11 +67,7 @@ def load_cache(path: Path) -> dict:
 
 
 def save_cache(path: Path, cache: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".cache.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(cache, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_json_atomic(path, cache)
 
 
 def train(point: tuple[float, ...], flags: list[str], objective) -> dict:

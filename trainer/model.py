@@ -23,6 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from .config import TrainConfig
 from .data import ANSWER_IDS, TOKEN, VOCAB
+from .errors import UserError
 from .texture import CHANNELS, CellFeatures, cell_features
 
 # peft 0.21 still calls a transformers method that transformers 5 renamed; the warning is theirs, not ours
@@ -149,6 +150,19 @@ def level_of_detail(pixels: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     return out.reshape(b, k, c * h * w)
 
 
+def freeze_base(base: nn.Module, cfg: TrainConfig) -> None:
+    """Freeze the base model (LM or VLM) in place, in the precision and with the checkpointing cfg asks for."""
+    for p in base.parameters():
+        p.requires_grad_(False)
+    if cfg.precision == "bf16":
+        # The frozen base is stored in bf16 (half the memory); peft upcasts the LoRA weights it adds to fp32
+        # (autocast_adapter_dtype), so every trainable weight and its optimizer state stay fp32.
+        base.to(torch.bfloat16)
+    if cfg.activation_checkpointing:
+        # non-reentrant: the decoder's inputs (our visual tokens) carry gradients, the frozen weights do not
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class TrainableState:
     """What checkpoints and adapters hold, for both models (ArrCoc, ArrCocVLM): the trainable tensors (the
     LoRA and the ARR-COC modules) and the config. `base_name` names the attribute holding the peft-wrapped
@@ -183,15 +197,7 @@ class ArrCoc(TrainableState, nn.Module):
         super().__init__()
         self.cfg = cfg
         base, vocab_ids = build_base_lm(cfg)
-        for p in base.parameters():
-            p.requires_grad_(False)
-        if cfg.precision == "bf16":
-            # The frozen base is stored in bf16 (half the memory); peft upcasts the LoRA weights it adds to fp32
-            # (autocast_adapter_dtype), so every trainable weight and its optimizer state stay fp32.
-            base.to(torch.bfloat16)
-        if cfg.activation_checkpointing:
-            # non-reentrant: the decoder's inputs (our visual tokens) carry gradients, the frozen weights do not
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        freeze_base(base, cfg)
         if adapter_dir is None:
             lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
             self.lm = get_peft_model(base, lora)
@@ -301,8 +307,8 @@ ADAPTER_MODULES = "arrcoc_modules.pt"
 ADAPTER_CONFIG = "arrcoc_config.json"
 
 
-class AdapterError(ValueError):
-    exit_code = 2
+class AdapterError(UserError):
+    """A saved adapter folder that cannot be loaded: one line, exit code 2."""
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from .config import TrainConfig
 from .errors import UserError
-from .model import TrainableState, gumbel_noise
+from .model import TrainableState, freeze_base, gumbel_noise
 from .texture import CHANNELS, cell_features
 
 VLM_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -175,13 +175,7 @@ class ArrCocVLM(TrainableState, nn.Module):
                                                                local_files_only=True)
         except (OSError, ValueError) as exc:
             raise VlmError(f"base_model={cfg.base_model}: not a loadable Qwen-VL checkpoint folder ({exc})") from None
-        for p in base.parameters():
-            p.requires_grad_(False)
-        if cfg.precision == "bf16":
-            # as on the synthetic path: the frozen base in bf16, the LoRA weights peft adds (and ours) in fp32
-            base.to(torch.bfloat16)
-        if cfg.activation_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        freeze_base(base, cfg)
         if adapter_dir is None:
             lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LM_LINEAR)
             self.vlm = get_peft_model(base, lora)

@@ -37,6 +37,7 @@ import yaml
 
 from pipelines.jobs.pytorchjob import KATIB_TRIAL_NAME, TEAM_LABEL, build_pytorchjob, to_manifest, trainer_command
 from pipelines.jobs.team_config import TeamConfig
+from trainer.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = REPO / "katib" / "base" / "experiment.yaml"
@@ -60,10 +61,8 @@ ACTIVE_DEADLINE_SECONDS = 14400
 PRESTOP = {"preStop": {"exec": {"command": ["python", "-m", "trainer.prestop"]}}}
 
 
-class TrialSpecError(ValueError):
+class TrialSpecError(UserError):
     """The hand-written part of the Experiment does not fit the generator: one line, exit code 2."""
-
-    exit_code = 2
 
 
 def _flag(name: str) -> str:
