@@ -8,7 +8,17 @@ import sys
 
 import pytest
 
-from tests.trainer_helpers import FAST, REPO, clean_env, free_port, metric_lines, read_metrics, run_trainer, trainer_cmd
+from tests.trainer_helpers import (
+    FAST,
+    REPO,
+    clean_env,
+    free_port,
+    metric_lines,
+    read_metrics,
+    run_trainer,
+    sigterm_after_first_eval,
+    trainer_cmd,
+)
 
 TENSIONS = ["--compress-vs-particularize", "0.1", "--exploit-vs-explore", "0.7", "--focus-vs-diversify", "0.5"]
 
@@ -67,15 +77,9 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
     assert run_trainer(*common, "--out", str(straight)).returncode == 0
 
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(trainer_cmd(*common, "--out", str(interrupted)), cwd=REPO, env=clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:  # the first evaluation (step 10) is printed: we are midway
-        if line.startswith("eval_loss="):
-            break
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    stopped = int(err.split("after step ")[1].split(";")[0])
+    # SIGTERM once the first evaluation (step 10) is printed: midway
+    code, err, stopped = sigterm_after_first_eval(trainer_cmd(*common, "--out", str(interrupted)), timeout=60)
+    assert code == 128 + signal.SIGTERM, err
     assert 10 <= stopped < 40
     assert (interrupted / "checkpoints" / f"step-{stopped:08d}" / "COMPLETE").is_file()
 

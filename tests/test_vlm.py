@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import torch
-from trainer_helpers import REPO, clean_env, free_port, read_metrics, run_trainer, trainer_cmd
+from trainer_helpers import REPO, clean_env, free_port, read_metrics, run_trainer, sigterm_after_first_eval, trainer_cmd
 
 from trainer.config import TrainConfig
 from trainer.tiny_vlm import FAMILIES, build_tiny_vlm
@@ -184,15 +184,9 @@ def test_training_reports_vqa_lines_and_resumes_exactly_after_sigterm(world, tmp
     assert (straight / "budget_curve.png").is_file() and (straight / "adapter" / "arrcoc_modules.pt").is_file()
 
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(trainer_cmd(*_args(world, interrupted)), cwd=REPO, env=clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:  # the first evaluation (step 2) is printed: we are midway
-        if line.startswith("eval_loss="):
-            break
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    stopped = int(err.split("after step ")[1].split(";")[0])
+    # SIGTERM once the first evaluation (step 2) is printed: midway
+    code, err, stopped = sigterm_after_first_eval(trainer_cmd(*_args(world, interrupted)), timeout=120)
+    assert code == 128 + signal.SIGTERM, err[-3000:]
     assert 2 <= stopped < 4
     resumed = _train(world, interrupted)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +27,19 @@ def clean_env(**extra: str) -> dict[str, str]:
 def run_trainer(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(trainer_cmd(*args), cwd=REPO, env=env or clean_env(), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def sigterm_after_first_eval(cmd: list[str], timeout: float) -> tuple[int, str, int]:
+    """Start the trainer, send SIGTERM once its first evaluation is printed (midway through the run), and
+    return (exit code, stderr, the step it stopped after)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("eval_loss="):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=timeout)
+    stopped = int(err.split("after step ")[1].split(";")[0]) if "after step " in err else -1
+    return proc.returncode, err, stopped
 
 
 def metric_lines(text: str) -> list[str]:
