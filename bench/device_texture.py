@@ -3,7 +3,11 @@
 Same 224x224 scenes (trainer.data at image_size 224) for both sides, same machine:
 - ours: trainer.texture.cell_features on batches of --batch images, on the training device (CUDA when there is
   one, else the CPU: then the figures are CPU figures), what the model calls inside its forward;
-- reference: bench/texture_reference.compute_texture_array, one image at a time (float64, full resolution).
+- ours, compiled: the same under torch.compile (inductor), what `--compile` runs (compile time not counted);
+- reference: bench/texture_reference.compute_texture_array, one image at a time (float64, full resolution);
+- floor: one pass that only converts every pixel of the batch to float32 on the same device. Any torch
+  implementation that reads each pixel as a float at least once (every channel but the positions is a per-pixel
+  function pooled to the cells) is slower than this, so floor/reference bounds the speed-up reachable here.
 Reports images/s and their ratio, and our process's peak RSS at N and 4N images (each in its own subprocess):
 the batched path streams, so its memory stays flat in the number of images.
 
@@ -43,15 +47,21 @@ def worker(side: str, path: Path, count: int, batch: int) -> dict:
 
         from trainer.texture import cell_features
 
+        torch.set_grad_enabled(False)  # as in the model's forward; a compiled warm-up with grad would recompile
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        cell_features(torch.from_numpy(np.ascontiguousarray(images[:batch])).to(dev))  # warm-up
+        if side == "floor":
+            work = torch.Tensor.float
+        elif side == "compiled":
+            work = torch.compile(cell_features, dynamic=False)
+        else:
+            work = cell_features
+        work(torch.from_numpy(np.ascontiguousarray(images[:batch])).to(dev))  # warm-up (and compile)
         sync()
         began = time.perf_counter()
-        with torch.no_grad():
-            for start in range(0, count, batch):
-                idx = [(start + i) % n for i in range(min(batch, count - start))]
-                cell_features(torch.from_numpy(images[idx]).to(dev, non_blocking=True))
+        for start in range(0, count, batch):
+            idx = [(start + i) % n for i in range(min(batch, count - start))]
+            work(torch.from_numpy(images[idx]).to(dev, non_blocking=True))
         sync()
         seconds = time.perf_counter() - began
         device = dev.type
@@ -69,7 +79,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("ours", "compiled", "reference", "floor"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -86,7 +96,9 @@ def main() -> int:
         ref = run_worker("reference", path, args.images, args.batch)
         ours = run_worker("ours", path, args.images, args.batch)
         ours4 = run_worker("ours", path, 4 * args.images, args.batch)
-    rate = {r["side"] + str(r["images"]): r["images"] / r["seconds"] for r in (ref, ours, ours4)}
+        compiled = run_worker("compiled", path, args.images, args.batch)
+        floor = run_worker("floor", path, args.images, args.batch)
+    rate = {r["side"] + str(r["images"]): r["images"] / r["seconds"] for r in (ref, ours, ours4, compiled, floor)}
     print(f"texture arrays of 224x224 scenes; ours on {ours['device']} in batches of {args.batch}"
           f"{' (CPU figures)' if ours['device'] == 'cpu' else ''}\n")
     print(markdown_table(["path", "images", "images/s", "max RSS MiB"], [
@@ -95,10 +107,17 @@ def main() -> int:
         ["ours: cell_features, batched", ours["images"], round(rate[f"ours{args.images}"]), round(ours["max_rss_mib"])],
         ["ours: cell_features, batched", ours4["images"], round(rate[f"ours{4 * args.images}"]),
          round(ours4["max_rss_mib"])],
+        ["ours: cell_features under torch.compile", compiled["images"], round(rate[f"compiled{args.images}"]),
+         round(compiled["max_rss_mib"])],
+        ["floor: every pixel to float32 once, nothing else", floor["images"], round(rate[f"floor{args.images}"]),
+         round(floor["max_rss_mib"])],
     ]))
     print(f"\nspeed-up ours/reference: {rate[f'ours{args.images}'] / rate[f'reference{args.images}']:.1f}x; "
           f"our peak RSS at {4 * args.images} vs {args.images} images: "
           f"{ours4['max_rss_mib'] / ours['max_rss_mib']:.2f}x")
+    reference = rate[f"reference{args.images}"]
+    print(f"compiled/reference: {rate[f'compiled{args.images}'] / reference:.1f}x; floor/reference (the bound for "
+          f"a torch texture that reads every pixel as a float): {rate[f'floor{args.images}'] / reference:.1f}x")
     return 0
 
 

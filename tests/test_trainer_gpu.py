@@ -82,6 +82,48 @@ def test_grad_accumulation_matches_one_large_batch():
         torch.testing.assert_close(finals[1][name], value, rtol=1e-4, atol=1e-5)
 
 
+def test_activation_checkpointing_recomputes_the_decoder_layers_and_takes_the_same_step():
+    """--activation-checkpointing: each decoder layer of the base LM runs again in the backward pass (its
+    activations were not kept), and the optimizer step is the one taken without it (fp32, no noise)."""
+    host = data.generate(0, 0, 4)
+    batch = {k: torch.from_numpy(v) for k, v in host.items()}
+    finals, calls = [], []
+    for checkpointing in (False, True):
+        cfg = TrainConfig(batch_size=4, exploit_vs_explore=1.0, activation_checkpointing=checkpointing)
+        torch.manual_seed(0)
+        model = ArrCoc(cfg)
+        layers = model.base.model.layers
+        count = [0]
+        # transformers checkpoints a layer's forward (its own hooks run once) and the recompute stops once the
+        # last saved tensor is back (torch's early stop), so count the attention block, the layer's first part
+        for layer in layers:
+            layer.self_attn.register_forward_hook(lambda *_, count=count: count.__setitem__(0, count[0] + 1))
+        model.train()
+        engine, optimizer, scheduler = build_optimization(model, cfg, World())
+        train_step(engine, model, optimizer, scheduler, [batch], [None], cfg)
+        calls.append(count[0] / len(layers))
+        finals.append(model.trainable_state())
+    assert calls == [1.0, 2.0]
+    for name, value in finals[0].items():
+        torch.testing.assert_close(finals[1][name], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_gives_the_metrics_of_the_eager_run(tmp_path):
+    """--compile (torch.compile of the model's forward, inductor): same evaluation as the eager run. Slow: the
+    first compile takes minutes on 2 CPU cores."""
+    args = ["--steps", "4", "--batch-size", "8", "--eval-size", "32", "--eval-every", "4", "--checkpoint-every", "4",
+            "--num-workers", "0"]
+    metrics = []
+    for extra, name in (([], "eager"), (["--compile"], "compiled")):
+        out = tmp_path / name
+        done = run_trainer(*args, *extra, "--out", str(out), timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+        metrics.append(read_metrics(out))
+    for key in ("relevance_score", "eval_loss", "recall_at_k", "answer_accuracy"):
+        assert metrics[1][key] == pytest.approx(metrics[0][key], rel=1e-4, abs=1e-6), key
+
+
 def test_the_sampler_shuffles_per_epoch_shards_ranks_and_resumes_mid_epoch():
     dataset = list(range(10))
     take = lambda sampler, n: [next(it) for it in [iter(sampler)] for _ in range(n)]  # noqa: E731

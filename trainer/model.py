@@ -160,7 +160,7 @@ def freeze_base(base: nn.Module, cfg: TrainConfig) -> None:
         base.to(torch.bfloat16)
     if cfg.activation_checkpointing:
         # non-reentrant: the decoder's inputs (our visual tokens) carry gradients, the frozen weights do not
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 class TrainableState:
