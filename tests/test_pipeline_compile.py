@@ -167,4 +167,7 @@ def test_train_is_never_cached(fresh):
     assert len(trains) == 2
     for task in trains:
         assert task["cachingOptions"].get("enableCache") in (None, False)
+    # its only input is the backend: a cached dataBucket would outlive a change of team-config
+    bucket = fresh[0]["root"]["dag"]["tasks"]["team-data-bucket"]
+    assert bucket["cachingOptions"].get("enableCache") in (None, False)
 

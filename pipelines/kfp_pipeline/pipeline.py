@@ -173,6 +173,8 @@ def arrcoc_train(
     settings = dict(locals())  # every parameter, for the steps of both branches
     bucket = team_data_bucket(backend=backend)
     _spot_tolerant(_team_config_env(_common(bucket, "team-data-bucket", "250m", "512Mi", 600)))
+    # Its input never changes: a cached answer would outlive a change of team-config (and mount a claim that is gone).
+    bucket.set_caching_options(False)
     with dsl.If(bucket.output == "", name="without-data-bucket"):
         _train_and_register(settings, data_bucket=False)
     with dsl.Else(name="with-data-bucket"):
