@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.jobs.team_config import TeamConfig
+from pipelines.jobs.pytorchjob import RUN_AS_USER
+from pipelines.jobs.team_config import DATA_CLAIM, TeamConfig
+from tests.bucket_overlay import write_bucket_overlay
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = REPO / "kustomize" / "components"
@@ -91,3 +93,41 @@ def test_yamllint_passes_on_all_yaml_we_own() -> None:
         cwd=REPO, capture_output=True, text=True, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _claims_and_volumes(docs: list[dict]) -> tuple[list[dict], list[dict]]:
+    return ([d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == DATA_CLAIM],
+            [d for d in docs if d["kind"] == "PersistentVolume"])
+
+
+def test_teams_without_a_data_bucket_get_no_volume_or_claim(overlays) -> None:
+    for docs in overlays.values():
+        assert TeamConfig.from_configmap(_team_config(docs)).data_bucket == ""
+        assert _claims_and_volumes(docs) == ([], [])
+
+
+@pytest.mark.parametrize("team", ["team-vision", "team-research"])
+def test_data_bucket_component_binds_the_teams_bucket_read_only(tmp_path, team: str) -> None:
+    """The PersistentVolume is cluster-scoped, so it is named per team; everything in it comes from the team's
+    rendered team-config and namespace."""
+    docs = build(write_bucket_overlay(tmp_path, team, bucket=f"{team}-data"))
+    (claim,), (volume,) = _claims_and_volumes(docs)
+    assert claim["metadata"]["namespace"] == team and "namespace" not in volume["metadata"]
+    assert volume["metadata"]["name"] == claim["spec"]["volumeName"] == f"{team}-data-bucket"
+    assert volume["spec"]["claimRef"] == {"namespace": team, "name": DATA_CLAIM}
+    assert volume["spec"]["csi"] == {"driver": "gcsfuse.csi.storage.gke.io", "volumeHandle": f"{team}-data",
+                                     "readOnly": True}
+    assert volume["spec"]["accessModes"] == claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+    assert volume["spec"]["storageClassName"] == claim["spec"]["storageClassName"] != ""
+    # the same uid/gid the replicas' inline mount of the bucket gets (pipelines/jobs/pytorchjob.py)
+    assert {f"uid={RUN_AS_USER}", f"gid={RUN_AS_USER}", "implicit-dirs"} <= set(volume["spec"]["mountOptions"])
+    # everything else in the team namespace is what the repo's overlay renders
+    plain = build(REPO / "kustomize" / "overlays" / team)
+    assert [d for d in docs if d["kind"] != "PersistentVolume" and d["metadata"].get("name") != DATA_CLAIM
+            and d["kind"] != "ConfigMap"] == [d for d in plain if d["kind"] != "ConfigMap"]
+
+
+def test_data_bucket_component_without_a_bucket_fails_the_build(tmp_path) -> None:
+    overlay = write_bucket_overlay(tmp_path, bucket=None)
+    result = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=False)
+    assert result.returncode != 0 and "data.dataBucket" in result.stderr

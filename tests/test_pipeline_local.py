@@ -57,11 +57,33 @@ def test_report_and_metrics(passed):
     assert "passes the gate" in result.summary.read_text()
 
 
-def test_gate_closed_registers_nothing(tmp_path):
-    result = run_demo(tmp_path, threshold=1.1, workers=0, **TINY)
+def _ran(result) -> set[str]:
+    return {p.name for p in result.run_dir.iterdir() if p.is_dir()}
+
+
+def test_without_a_data_bucket_the_plain_branch_runs(passed):
+    _, result = passed
+    assert _ran(result) == {"team-data-bucket", "prepare-data", "train", "evaluate", "register"}
+
+
+def test_gate_closed_registers_nothing_in_the_data_bucket_branch(tmp_path):
+    """A team-config with dataBucket sends the run down the branch whose prepare-data and evaluate mount the bucket
+    on a cluster (kfp.local ignores the mount); the replicas mount it inline either way."""
+    from dataclasses import replace
+
+    from pipelines.jobs.team_config import TeamConfig
+
+    team = replace(TeamConfig.local_default(), data_bucket="vision-data", checkpoint_pvc="checkpoints")
+    team_file = tmp_path / "team-config.yaml"
+    team_file.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "team-config"},
+                                         "data": team.to_configmap_data()}))
+    result = run_demo(tmp_path / "run", threshold=1.1, workers=0, team_config=str(team_file), **TINY)
+    assert _ran(result) == {"team-data-bucket", "prepare-data-2", "train-2", "evaluate-2"}
     assert result.registered is None
-    assert not (result.run_dir / "register").exists()
-    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+    assert not (tmp_path / "run" / "models").exists() or not any((tmp_path / "run" / "models").iterdir())
+    master = yaml.safe_load((result.job_dir / "pytorchjob.yaml").read_text())["spec"]["pytorchReplicaSpecs"]["Master"]
+    assert {"name": "data", "mountPath": "/data", "readOnly": True} in master["template"]["spec"]["containers"][0][
+        "volumeMounts"]
     assert "does not pass the gate (threshold 1.1)" in result.summary.read_text()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.validation import controller_pods, reachability
+from pipelines.validation import controller_pods, invariants, reachability
 from pipelines.validation.findings import Doc
 from pipelines.validation.netpol import Endpoint, connection
 from pipelines.validation.podsecurity import check_restricted
@@ -169,3 +169,18 @@ def test_argo_executor_containers_follow_the_workflow_controller_config(platform
     driver = next(spec for doc, spec in modelled if doc.kind == "KfpDriverPod")
     problems = _restricted(Doc("p", {"kind": "KfpDriverPod"}), driver)
     assert any(p.startswith("initContainers[0].securityContext.allowPrivilegeEscalation") for p in problems)
+
+
+def test_kfp_runs_the_bucket_steps_as_the_workload_identity_account(platform) -> None:
+    """KFP multi-user runs a pipeline's pods as default-editor unless a run names another account; the GCS FUSE
+    sidecar of the steps that mount the data bucket authenticates as that account."""
+    docs, findings = platform
+    assert controller_pods.kfp_runner_account(docs) == "default-editor"
+    assert not [f for f in findings if f.kind == "KfpExecutorPod"]
+    docs = copy.deepcopy(docs)
+    config = next(d for d in docs if d.kind == "ConfigMap" and d.name.startswith("pipeline-api-server-config"))
+    config.obj["data"]["DEFAULTPIPELINERUNNERSERVICEACCOUNT"] = "pipeline-runner"
+    found = [str(f) for f in invariants.check_pipeline_bucket_mounts(docs, PIPELINE, "p")]
+    assert sorted(f.split(": ")[1] for f in found) == ["KfpExecutorPod//exec-evaluate-2",
+                                                       "KfpExecutorPod//exec-prepare-data-2"]
+    assert all("'pipeline-runner'" in f and "Workload Identity" in f for f in found)

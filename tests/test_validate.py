@@ -18,8 +18,10 @@ from pipelines.validation.findings import Doc
 from pipelines.validation.loading import Loaded, pin_problem, render
 from pipelines.validation.run import REPO, check, crd_dir, validate
 from pipelines.validation.schemas import SchemaSet, strict
+from tests.bucket_overlay import write_bucket_overlay
 
 FIXTURES = Path(__file__).parent / "fixtures" / "validate"
+COMPILED = REPO / "pipelines" / "kfp_pipeline" / "compiled" / "arrcoc_train.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -174,6 +176,10 @@ CASES = [
      "Namespace//team-vision", 'metadata.labels["app.kubernetes.io/part-of"]', "kubeflow-profile"),
     ("no egress to the GKE metadata server", lambda docs: [d for d in docs if d.name != "allow-gke-metadata-server"],
      "Namespace//team-vision", "(NetworkPolicy egress)", "169.254.169.254:80"),
+    ("KFP steps without egress to the GKE metadata server",
+     _edit(lambda d: _obj(d, "NetworkPolicy", "allow-gke-metadata-server")["spec"].update(podSelector={
+         "matchExpressions": [{"key": "training.kubeflow.org/job-name", "operator": "Exists"}]})),
+     "Namespace//team-vision", "(NetworkPolicy egress)", "kfp-step pod -> GKE metadata server 169.254.169.254:80"),
     ("no egress to Kubeflow", lambda docs: [d for d in docs if d.name != "allow-kubeflow-and-istio"],
      "Namespace//team-vision", "(NetworkPolicy egress)", "kubeflow/ml-pipeline:8887"),
     ("GCS FUSE replica without sidecar limits",
@@ -316,3 +322,79 @@ def test_crd_download_check_catches_a_changed_file(tmp_path: Path) -> None:
     problems = crds.verify(copy_dir, {name: sums[name], cohorts: sums[cohorts]})
     assert len(problems) == 2
     assert "does not match" in problems[0] and problems[1].endswith("missing")
+
+
+@pytest.fixture(scope="session")
+def bucket_team(tmp_path_factory) -> list[Doc]:
+    """team-vision with dataBucket set and kustomize/components/data-bucket in its overlay."""
+    loaded = Loaded()
+    render(write_bucket_overlay(tmp_path_factory.mktemp("bucket")), "bucket-overlay", loaded)
+    assert not loaded.findings
+    return loaded.docs
+
+
+def test_a_team_with_a_data_bucket_passes_with_the_compiled_pipeline(schemas, bucket_team) -> None:
+    findings = check(copy.deepcopy(bucket_team), schemas, [COMPILED])
+    assert [str(f) for f in findings if not f.warning] == []
+    assert {d.kind for d in bucket_team} >= {"PersistentVolume", "PersistentVolumeClaim"}
+
+
+def _volume(docs: list[Doc]) -> dict:
+    return _obj(docs, "PersistentVolume")["spec"]
+
+
+def _data_claim(docs: list[Doc]) -> dict:
+    return _obj(docs, "PersistentVolumeClaim", "data-bucket")["spec"]
+
+
+BUCKET_CASES = [
+    ("volume without a bucket", _edit(lambda d: _volume(d)["csi"].update(volumeHandle="")),
+     "PersistentVolume//team-vision-data-bucket", "spec.csi.volumeHandle", "dataBucket 'vision-data'"),
+    ("volume of another bucket", _edit(lambda d: _volume(d)["csi"].update(volumeHandle="other-data")),
+     "PersistentVolume//team-vision-data-bucket", "spec.csi.volumeHandle", "got 'other-data'"),
+    ("writable volume", _edit(lambda d: _volume(d)["csi"].update(readOnly=False)),
+     "PersistentVolume//team-vision-data-bucket", "spec.csi.readOnly", "must be true"),
+    ("another CSI driver", _edit(lambda d: _volume(d)["csi"].update(driver="pd.csi.storage.gke.io")),
+     "PersistentVolume//team-vision-data-bucket", "spec.csi.driver", "gcsfuse.csi.storage.gke.io"),
+    ("volume reserved for another namespace's claim",
+     _edit(lambda d: _volume(d)["claimRef"].update(namespace="team-research")),
+     "PersistentVolume//team-vision-data-bucket", "spec.claimRef", "team-vision/data-bucket"),
+    ("claim on the default storage class", _edit(lambda d: _data_claim(d).pop("storageClassName")),
+     "PersistentVolumeClaim/team-vision/data-bucket", "spec.storageClassName", "default StorageClass"),
+    ("claim of a volume not in the build", _edit(lambda d: _data_claim(d).update(volumeName="elsewhere")),
+     "PersistentVolumeClaim/team-vision/data-bucket", "spec.volumeName", "'elsewhere'"),
+    ("writable claim", _edit(lambda d: _data_claim(d).update(accessModes=["ReadWriteMany"])),
+     "PersistentVolumeClaim/team-vision/data-bucket", "spec.accessModes", "ReadOnlyMany"),
+    ("dataBucket without the component",
+     lambda docs: [d for d in docs if d.kind != "PersistentVolume" and d.name != "data-bucket"],
+     "ConfigMap/team-vision/team-config", "data.dataBucket", "kustomize/components/data-bucket"),
+    ("the component without dataBucket", _edit(lambda d: _team_config(d).update(dataBucket="")),
+     "PersistentVolumeClaim/team-vision/data-bucket", "(root)", "sets no dataBucket"),
+    ("claims beyond the storage quota",
+     _edit(lambda d: _obj(d, "ResourceQuota")["spec"]["hard"].update({"requests.storage": "1Ti"})),
+     "ResourceQuota/team-vision/team-quota", "spec.hard", "requests.storage 1025Gi > 1Ti"),
+]
+
+
+@pytest.mark.parametrize(("case", "breakage", "obj", "path", "words"), BUCKET_CASES, ids=[c[0] for c in BUCKET_CASES])
+def test_broken_data_bucket_is_caught(schemas, bucket_team, case, breakage, obj, path, words) -> None:
+    findings = check(breakage(copy.deepcopy(bucket_team)), schemas)
+    matching = [f for f in findings
+                if f"{f.kind}/{f.namespace}/{f.name}" == obj and f.path == path and words in f.message]
+    assert matching, f"{case}: expected {obj} {path} ~{words!r}, got: " + "; ".join(map(str, findings))
+
+
+@pytest.mark.parametrize("dropped", ["gke-gcsfuse/volumes", "gke-gcsfuse/memory-limit"])
+def test_a_step_mounting_the_bucket_without_the_sidecar_annotations_is_caught(schemas, bucket_team, tmp_path,
+                                                                              dropped) -> None:
+    spec, platform = yaml.safe_load_all(COMPILED.read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    mounting = [name for name, e in executors.items() if any(m["mountPath"] == "/data" for m in e.get("pvcMount", []))]
+    assert sorted(mounting) == ["exec-evaluate-2", "exec-prepare-data-2"]
+    del executors["exec-prepare-data-2"]["podMetadata"]["annotations"][dropped]
+    broken = tmp_path / "arrcoc_train.yaml"
+    broken.write_text(yaml.safe_dump_all([spec, platform]))
+    findings = [str(f) for f in check(copy.deepcopy(bucket_team), schemas, [broken]) if not f.warning]
+    assert len(findings) == 1, findings
+    assert f'KfpExecutorPod//exec-prepare-data-2: podMetadata.annotations["{dropped}"]: must be' in findings[0]
+    assert "GCS FUSE sidecar" in findings[0]

@@ -71,3 +71,11 @@ def test_synthetic_scenes_as_png_and_jsonl(tmp_path):
     evals, _ = load_jsonl(tmp_path / "e", 0.0)
     assert (len(good), len(evals), train_meta["count"]) == (6, 3, 6)
     assert all(g["boxes"] for g in good) and {g["image"] for g in good}.isdisjoint({e["image"] for e in evals})
+
+
+def test_missing_bucket_folder_names_what_mounts_it(tmp_path):
+    with pytest.raises(PrepareError, match=r"is not a folder \(/data holds the team's dataBucket only when"):
+        prepare("vqav2:/data/arrcoc-no-such-dataset", 0, 5, 1, tmp_path / "t", tmp_path / "e")
+    with pytest.raises(PrepareError, match=r"is not a folder$"):
+        prepare(f"gqa:{tmp_path / 'nope'}", 0, 5, 1, tmp_path / "t", tmp_path / "e")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "e").exists()

@@ -51,6 +51,9 @@ GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
 # a file before uploading it. Requests default to the limits. A LoRA checkpoint is far below 5Gi.
 GCSFUSE_SIDECAR_LIMITS = {"gke-gcsfuse/cpu-limit": "500m", "gke-gcsfuse/memory-limit": "1Gi",
                           "gke-gcsfuse/ephemeral-storage-limit": "5Gi"}
+# What every pod that mounts a bucket carries (the replicas here, the pipeline's prepare-data and evaluate steps):
+# GKE's webhook injects the sidecar only into pods annotated gke-gcsfuse/volumes: "true".
+GCSFUSE_POD_ANNOTATIONS = {"gke-gcsfuse/volumes": "true", **GCSFUSE_SIDECAR_LIMITS}
 # The sidecar reaches GCS as the pod's service account through Workload Identity; a Profile's Workload Identity
 # plugin binds a Google service account to default-editor only (not to default).
 WORKLOAD_IDENTITY_ACCOUNT = "default-editor"
@@ -225,8 +228,7 @@ def _pod_template(image: str, args: list[str], nproc: str, team: TeamConfig, lab
         resources["nvidia.com/gpu"] = str(team.gpus_per_replica)
     annotations = {"sidecar.istio.io/inject": "false"}
     if team.uses_gcsfuse():
-        annotations["gke-gcsfuse/volumes"] = "true"
-        annotations.update(GCSFUSE_SIDECAR_LIMITS)
+        annotations.update(GCSFUSE_POD_ANNOTATIONS)
     shm = k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_size)
     volumes = [_checkpoint_volume(team), k8s.V1Volume(name=SHM_VOLUME, empty_dir=shm)]
     mounts = [k8s.V1VolumeMount(name=CHECKPOINT_VOLUME, mount_path=checkpoint_mount.rstrip("/")),

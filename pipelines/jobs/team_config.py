@@ -82,6 +82,9 @@ BF16_ACCELERATORS = ("nvidia-l4", "nvidia-tesla-a100", "nvidia-a100-80gb", "nvid
                      "nvidia-h100-mega-80gb", "nvidia-h200-141gb")
 # Where every pod that reads the team's models and datasets (prepare-data, each replica, evaluate) sees dataBucket.
 DATA_MOUNT = "/data"
+# The claim kustomize/components/data-bucket binds to dataBucket in the team namespace; the pipeline's prepare-data
+# and evaluate steps mount it at DATA_MOUNT (kfp-kubernetes mounts claims, not inline CSI volumes).
+DATA_CLAIM = "data-bucket"
 
 
 def _env_name(key: str) -> str:

@@ -94,34 +94,41 @@ def run_demo(workdir: str | Path, *, source: str = "synthetic", threshold: float
         os.environ.pop(TEAM_CONFIG_FILE_ENV, None)
 
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+    earlier = set(root.iterdir())
     started = time.monotonic()
     with warnings.catch_warnings():
         # kfp.local says, per task, that resources and the image do not apply to subprocesses: we know.
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         try:
-            task = arrcoc_train(
+            arrcoc_train(
                 backend="local", source=str(Path(source).resolve()) if source != "synthetic" else source, seed=seed,
                 threshold=threshold, model_store=str(workdir / "models"), checkpoint_pvc="", **values)
         except RuntimeError as exc:
             failed = _ANSI.sub("", str(exc))
             raise DemoError(f"{failed} (task logs above; outputs under {root})") from None
     seconds = time.monotonic() - started
-    artifact = Path(task.outputs["report"].path)
-    run_dir = artifact.parents[1]
+    # kfp.local makes one folder per run (<pipeline>-<time>) with one folder per task that ran. The pipeline has two
+    # branches (with and without the team's data bucket, pipeline.py) whose tasks KFP names plainly and with a -2
+    # suffix; only one of them ran.
+    (run_dir,) = [p for p in root.iterdir() if p not in earlier and p.is_dir()]
+
+    def task_dir(name: str) -> Path | None:
+        return next((d for d in (run_dir / name, run_dir / f"{name}-2") if d.is_dir()), None)
+
+    evaluated, trained, registered_dir = task_dir("evaluate"), task_dir("train"), task_dir("register")
     # KFP names the artifact file after the output ("report"); browsers want an .html name to render it.
     report = run_dir / "report.html"
-    shutil.copyfile(artifact, report)
+    shutil.copyfile(evaluated / "report", report)
     registered = None
-    executor_output = run_dir / "register" / "executor_output.json"
-    if executor_output.is_file():
-        registered = Path(json.loads(executor_output.read_text())["parameterValues"]["Output"])
-    metrics = task.outputs["metrics"]
+    if registered_dir is not None:
+        output = json.loads((registered_dir / "executor_output.json").read_text())
+        registered = Path(output["parameterValues"]["Output"])
+    metrics = evaluated / "metrics"  # the evaluate step writes its logged metrics there as JSON
     return DemoResult(
-        run_dir=run_dir, report=report, summary=run_dir / "evaluate" / "summary",
-        metrics=Path(metrics.path),
-        relevance_score=float(metrics.metadata["relevance_score"]), adapter=Path(task.outputs["adapter"].path),
-        job_dir=run_dir / "train" / "job", registered=registered, seconds=seconds,
+        run_dir=run_dir, report=report, summary=evaluated / "summary", metrics=metrics,
+        relevance_score=float(json.loads(metrics.read_text())["relevance_score"]), adapter=trained / "adapter",
+        job_dir=trained / "job", registered=registered, seconds=seconds,
     )
 
 

@@ -8,6 +8,10 @@ what will really be admitted rather than only on the templates we write.
   securityContext or the admin defaults in pipeline-install-config (defaultSecurityContextRunAs*, which win);
   the launcher init container gets the full defaults (defaultContainerSecurityContext).
 - KFP driver pods (same file, applySecurityContextToTemplate): the full defaults, pod and container.
+- The account KFP runs a pipeline's pods as when the run names none: the API server's
+  DEFAULTPIPELINERUNNERSERVICEACCOUNT, which kubeflow/manifests 26.03 sets to default-editor for multi-user
+  (applications/pipeline/upstream/base/installs/multi-user/api-service/params.env, the ConfigMap
+  pipeline-api-server-config that the ml-pipeline Deployment reads with envFrom).
 - Argo's init and wait containers in every workflow pod: the `executor` entry of workflow-controller-configmap
   (argo-workflows workflow/controller/workflowpod.go, newExecContainer).
 - Katib v0.19 suggestion Deployment (kubeflow/katib pkg/controller.v1beta1/suggestion/composer/composer.go,
@@ -60,6 +64,16 @@ def _argo_executor_containers(docs: list[Doc]) -> list[dict]:
     security = executor.get("securityContext")
     return [{"name": name, "image": "argoexec", **({"securityContext": security} if security else {})}
             for name in ("init", "wait")]
+
+
+def kfp_runner_account(docs: list[Doc]) -> str | None:
+    """The rendered API server's default runner account, or None when the platform is not among the docs."""
+    for doc in docs:
+        if doc.kind == "ConfigMap" and doc.namespace == KUBEFLOW and doc.name.startswith("pipeline-api-server-config"):
+            account = (doc.obj.get("data") or {}).get("DEFAULTPIPELINERUNNERSERVICEACCOUNT")
+            if account:
+                return str(account)
+    return None
 
 
 def _kfp_admin_defaults(docs: list[Doc]) -> dict[str, Any]:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 
 import yaml
 
+from pipelines.jobs.pytorchjob import GCSFUSE_DRIVER, WORKLOAD_IDENTITY_ACCOUNT
 from pipelines.jobs.rules import image_problem
 from pipelines.jobs.team_config import CONFIGMAP_NAME as TEAM_CONFIG
-from pipelines.jobs.team_config import KEYS, TeamConfig, TeamConfigError
+from pipelines.jobs.team_config import DATA_CLAIM, DATA_MOUNT, KEYS, TeamConfig, TeamConfigError
+from pipelines.validation.controller_pods import kfp_runner_account
 from pipelines.validation.findings import Doc, Finding
 from pipelines.validation.podsecurity import containers
 
@@ -169,7 +172,6 @@ def _check_kueue_config(doc: Doc) -> Iterator[Finding]:
 # sidecar has no cpu or memory limit, which a ResourceQuota on limits.* refuses; and the sidecar authenticates with
 # the pod's service account through Workload Identity, which the Profile's plugin configures on default-editor.
 GCSFUSE_LIMIT_ANNOTATIONS = ("gke-gcsfuse/cpu-limit", "gke-gcsfuse/memory-limit")
-WORKLOAD_IDENTITY_ACCOUNT = "default-editor"
 
 
 def check_gcsfuse(doc: Doc, job: dict, prefix: list, quota_namespaces: dict[str, dict],
@@ -193,3 +195,90 @@ def check_gcsfuse(doc: Doc, job: dict, prefix: list, quota_namespaces: dict[str,
         if namespace in profile_namespaces and account != WORKLOAD_IDENTITY_ACCOUNT:
             yield doc.finding(here + ["spec", "serviceAccountName"], f"{account!r} has no Workload Identity: the GCS "
                               f"FUSE sidecar needs {WORKLOAD_IDENTITY_ACCOUNT!r}, which the Profile configures")
+
+
+def check_data_buckets(docs: list[Doc]) -> Iterator[Finding]:
+    """A team-config with dataBucket has the claim DATA_CLAIM bound to a read-only GCS FUSE volume of that bucket
+    (kustomize/components/data-bucket: static provisioning), which the pipeline's prepare-data and evaluate steps
+    mount; a team without one has neither (its pipeline runs the branch without the mount)."""
+    volumes = {d.name: d for d in docs if d.kind == "PersistentVolume"}
+    claims = {(d.namespace, d.name): d for d in docs if d.kind == "PersistentVolumeClaim"}
+    for doc in docs:
+        if not (doc.kind == "ConfigMap" and doc.name == TEAM_CONFIG and doc.namespace):
+            continue
+        team, (config, _) = doc.namespace, _parse_team_config(doc)
+        if config is None:
+            continue  # reported by check_namespaces
+        claim = claims.get((team, DATA_CLAIM))
+        if not config.data_bucket:
+            if claim is not None:
+                yield claim.finding("(root)", f"team-config of {team} sets no dataBucket: drop "
+                                    "kustomize/components/data-bucket from the team's overlay, or set dataBucket")
+            continue
+        if claim is None:
+            yield doc.finding(["data", "dataBucket"], f"no PersistentVolumeClaim {DATA_CLAIM!r} in {team}: add "
+                              f"kustomize/components/data-bucket to the team's overlay (the pipeline's prepare-data "
+                              f"and evaluate steps mount that claim at {DATA_MOUNT})")
+            continue
+        yield from _check_data_claim(claim, config.data_bucket, volumes)
+
+
+def _check_data_claim(claim: Doc, bucket: str, volumes: dict[str, Doc]) -> Iterator[Finding]:
+    spec = claim.obj.get("spec") or {}
+    name = spec.get("volumeName")
+    volume = volumes.get(str(name))
+    if volume is None:
+        yield claim.finding(["spec", "volumeName"], f"{name!r} names no PersistentVolume in this build: the claim "
+                            "would bind to whatever its storage class provisions instead of the team's bucket")
+        return
+    pv = volume.obj.get("spec") or {}
+    csi = pv.get("csi") or {}
+    ref = pv.get("claimRef") or {}
+    if csi.get("driver") != GCSFUSE_DRIVER:
+        yield volume.finding(["spec", "csi", "driver"], f"must be {GCSFUSE_DRIVER} (got {csi.get('driver')!r})")
+    if csi.get("volumeHandle") != bucket:
+        yield volume.finding(["spec", "csi", "volumeHandle"], f"must be the team's dataBucket {bucket!r} (got "
+                             f"{csi.get('volumeHandle')!r}): the driver mounts the bucket this names")
+    if csi.get("readOnly") is not True:
+        yield volume.finding(["spec", "csi", "readOnly"], "must be true: the steps and replicas only read the "
+                             "bucket, and kfp-kubernetes cannot mount a claim read-only")
+    for doc, modes in ((volume, pv.get("accessModes")), (claim, spec.get("accessModes"))):
+        if modes != ["ReadOnlyMany"]:
+            yield doc.finding(["spec", "accessModes"], f"must be [ReadOnlyMany] (got {modes!r})")
+    if (ref.get("namespace"), ref.get("name")) != (claim.namespace, claim.name):
+        yield volume.finding(["spec", "claimRef"], f"must name {claim.namespace}/{claim.name} (got "
+                             f"{ref.get('namespace')}/{ref.get('name')}): another namespace's claim could bind it")
+    if pv.get("storageClassName") != spec.get("storageClassName") or not spec.get("storageClassName"):
+        yield claim.finding(["spec", "storageClassName"], f"must equal the volume's {pv.get('storageClassName')!r} "
+                            "and not be empty (empty or absent lets the default StorageClass provision a disk)")
+
+
+def check_pipeline_bucket_mounts(docs: list[Doc], compiled: Path, label: str) -> Iterator[Finding]:
+    """Every step of a compiled pipeline that mounts the data claim carries the GCS FUSE sidecar annotations: without
+    gke-gcsfuse/volumes the CSI mount fails ("failed to find the sidecar container in Pod spec"), without the limits
+    the sidecar has none, which the team quotas on limits.* refuse. And, where the Kubeflow install is rendered,
+    KFP runs those pods as the account the Profile gives Workload Identity."""
+    runner = kfp_runner_account(docs)
+    documents = [d for d in yaml.safe_load_all(compiled.read_text()) if d]
+    platform = (documents[1] if len(documents) > 1 else {}).get("platforms", {}).get("kubernetes", {})
+    for executor, config in ((platform.get("deploymentSpec") or {}).get("executors") or {}).items():
+        mounts = [m for m in config.get("pvcMount") or []
+                  if m.get("mountPath") == DATA_MOUNT or m.get("constant") == DATA_CLAIM
+                  or ((m.get("pvcNameParameter") or {}).get("runtimeValue") or {}).get("constant") == DATA_CLAIM]
+        if not mounts:
+            continue
+        doc = Doc(label, {"kind": "KfpExecutorPod", "metadata": {"name": executor}})
+        annotations = (config.get("podMetadata") or {}).get("annotations") or {}
+        if str(annotations.get("gke-gcsfuse/volumes")) != "true":
+            yield doc.finding(["podMetadata", "annotations", "gke-gcsfuse/volumes"], f'must be "true": the step mounts '
+                              f"the data bucket claim {DATA_CLAIM!r} at {DATA_MOUNT}, and GKE injects the GCS FUSE "
+                              f"sidecar only into pods annotated so")
+        for key in GCSFUSE_LIMIT_ANNOTATIONS:
+            if key not in annotations:
+                yield doc.finding(["podMetadata", "annotations", key], "must be set: the step mounts the data bucket, "
+                                  "and without it the GCS FUSE sidecar has no limit, which team quotas on limits.* "
+                                  "refuse")
+        if runner is not None and runner != WORKLOAD_IDENTITY_ACCOUNT:
+            yield doc.finding("(service account)", f"KFP runs the step as {runner!r} "
+                              f"(DEFAULTPIPELINERUNNERSERVICEACCOUNT in pipeline-api-server-config), which has no "
+                              f"Workload Identity: the GCS FUSE sidecar needs {WORKLOAD_IDENTITY_ACCOUNT!r}")

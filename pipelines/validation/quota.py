@@ -5,6 +5,8 @@ that does not fit whole starts some replicas, which then hold their GPUs while t
 - every PyTorchJob in the namespace, and the pipeline's training job (team-config per replica, times the
   compiled pipeline's default replica count), fit the quota;
 - an Experiment's parallelTrialCount trials fit at once;
+- the namespace's claims (checkpoints, the data bucket's) fit requests.storage and persistentvolumeclaims: a claim
+  beyond them is refused when applied;
 - a Kueue ClusterQueue for the namespace never admits more than the quota then lets in: its nominal quota plus
   what it may borrow from its cohort (unbounded when borrowingLimit is unset) stays within the ResourceQuota.
 """
@@ -102,7 +104,19 @@ def check_quotas(docs: list[Doc], compiled: list[Path] = ()) -> Iterator[Finding
                                       f"{namespace} holds ({'; '.join(over)}); at most {fits} fit at once")
             elif doc.kind == "ConfigMap" and doc.name == "team-config":
                 yield from _check_pipeline_job(doc, quota, hard, compiled)
+        yield from _check_claims(docs, namespace, quota, hard)
         yield from _check_kueue(docs, namespace, quota, hard)
+
+
+def _check_claims(docs: list[Doc], namespace: str, quota: Doc, hard: Mapping) -> Iterator[Finding]:
+    claims = [d for d in docs if d.kind == "PersistentVolumeClaim" and d.namespace == namespace]
+    usage: Usage = Counter({"persistentvolumeclaims": Decimal(len(claims))})
+    for claim in claims:
+        requested = (((claim.obj.get("spec") or {}).get("resources") or {}).get("requests") or {}).get("storage")
+        usage["requests.storage"] += parse_quantity(str(requested or 0))
+    if over := _over(usage, hard):
+        yield quota.finding(["spec", "hard"], f"the claims of {namespace} ({', '.join(c.name for c in claims)}) need "
+                                              f"more than it holds: {'; '.join(over)}")
 
 
 def _fitting(per_trial: Usage, hard: Mapping[str, str]) -> int:

@@ -121,10 +121,14 @@ def check_reachability(docs: list[Doc]) -> Iterator[Finding]:
             verdict = connection(policies, sources[need.source], destination, port)
             if not verdict.allowed:
                 yield refuse(verdict, f"{need.source} pod -> {KUBEFLOW}/{need.service}:{need.port} ({need.why})")
-        for address, port in METADATA_SERVER:
-            verdict = connection(policies, trial, Endpoint(ip=address), port)
-            if not verdict.allowed:
-                yield refuse(verdict, f"pod -> GKE metadata server {address}:{port} (Workload Identity, GCS FUSE)")
+        # Trial replicas mount the team's buckets, and so do the pipeline's prepare-data and evaluate steps when the
+        # team has a dataBucket: the gcsfuse sidecar in either gets its token from the metadata server.
+        for source, pod in (("trial", trial), ("kfp-step", step)):
+            for address, port in METADATA_SERVER:
+                verdict = connection(policies, pod, Endpoint(ip=address), port)
+                if not verdict.allowed:
+                    yield refuse(verdict, f"{source} pod -> GKE metadata server {address}:{port} "
+                                          "(Workload Identity, GCS FUSE)")
         verdict = connection(policies, worker, trial, RENDEZVOUS_PORT)
         if not verdict.allowed:
             yield refuse(verdict, f"PyTorchJob worker -> master:{RENDEZVOUS_PORT} (rendezvous)")

@@ -104,6 +104,9 @@ def check(docs: list[Doc], schemas: SchemaSet, compiled: list[Path] = ()) -> lis
                 findings.extend(check_restricted(doc, path, spec))
             findings.extend(invariants.check_pod_spec(doc, path, spec, images_only=upstream))
     findings.extend(invariants.check_namespaces(docs))
+    findings.extend(invariants.check_data_buckets(docs))
+    for path in compiled:
+        findings.extend(invariants.check_pipeline_bucket_mounts(docs, path, _label_of(REPO)(path)))
     findings.extend(quota.check_quotas(docs, list(compiled)))
     findings.extend(reachability.check_reachability(docs))
     findings.extend(_controller_pod_findings(docs, compiled))

@@ -153,6 +153,12 @@ def prepare_vqa(source: str, seed: int, train_size: int, eval_size: int, train_d
     else:
         kind, _, folder = source.partition(":")
         reader = {"vqav2": vqav2_records, "gqa": gqa_records}[kind]
+        if not Path(folder).is_dir():
+            from pipelines.jobs.team_config import DATA_MOUNT
+
+            hint = (f" ({DATA_MOUNT} holds the team's dataBucket only when team-config sets it and the team's overlay "
+                    f"adds kustomize/components/data-bucket)" if folder.startswith(DATA_MOUNT + "/") else "")
+            raise PrepareError(f"source {source}: {folder!r} is not a folder{hint}")
         # convert both splits before writing either: a bad source leaves nothing behind
         splits = [(Path(folder) / name, reader(Path(folder) / name)[:size])
                   for name, size in (("train", train_size), ("eval", eval_size))]
