@@ -4,8 +4,9 @@ reduction at the default budget.
 Both sides train the same tiny random Qwen2-VL (trainer/tiny_vlm.py) with the same LoRA on its language model,
 on the same PNG + JSONL scenes and batches (VlmCollator), in this process, one after the other. The bare loop is
 the plain Hugging Face recipe: the model's own forward over input_ids + pixel_values with labels, so its LM
-reads every visual token; the trainer adds the adapter (texture, scorers, allocator), reads only the kept
-tokens, and does what a real run needs (evaluation with generation, checkpoints, metric lines).
+reads every visual token; the trainer adds the adapter (texture, scorers, allocator), reads only the tokens its
+level-of-detail allocation buys (full and coarse regions), and does what a real run needs (evaluation with
+generation, checkpoints, metric lines).
 
     .venv/bin/python bench/vlm_throughput.py [--steps 40] [--batch-size 8] [--repeats 3]
 """
@@ -23,7 +24,7 @@ from common import markdown_table
 from trainer.config import TrainConfig
 from trainer.tiny_vlm import build_tiny_vlm
 from trainer.train import lr_lambda
-from trainer.vlm import LM_LINEAR, kept_count, load_processors
+from trainer.vlm import LM_LINEAR, kept_count, load_processors, lod_count
 from trainer.vqa import VqaSource, write_scene_jsonl
 
 
@@ -100,8 +101,8 @@ def main() -> None:
             bare.append(bare_loop(cfg))
             trainer.append(trainer_rate(cfg))
         ratios = sorted(t / b for t, b in zip(trainer, bare))
-        tokens = 64  # a 64x64 scene: 16x16 patches of 4 pixels, merged 2x2
-        kept = kept_count(cfg, tokens)
+        grid = (8, 8)  # a 64x64 scene: 16x16 patches of 4 pixels, merged 2x2
+        tokens, kept = grid[0] * grid[1], lod_count(grid, kept_count(cfg, grid[0] * grid[1]))
     print(markdown_table(["loop", "samples/s (median)", "vs bare loop (median of pairs)", "visual tokens read"], [
         ["bare Hugging Face loop (all visual tokens)", statistics.median(bare), 1.0, tokens],
         ["arrcoc train (adapter, eval, checkpoints)", statistics.median(trainer), statistics.median(ratios), kept],

@@ -3,7 +3,9 @@ an offline tokenizer and image processor (trainer/tiny_vlm.py), and PNG + JSONL 
 one boxed object (trainer/vqa.py write_scene_jsonl). No network anywhere."""
 from __future__ import annotations
 
+import itertools
 import json
+import random
 import signal
 import subprocess
 
@@ -13,7 +15,7 @@ from trainer_helpers import REPO, clean_env, free_port, read_metrics, run_traine
 
 from trainer.config import TrainConfig
 from trainer.tiny_vlm import FAMILIES, build_tiny_vlm
-from trainer.vlm import ArrCocVLM, kept_count, vlm_type
+from trainer.vlm import ArrCocVLM, kept_count, lod_allocation, lod_count, region_members, vlm_type
 from trainer.vqa import (
     VqaSource,
     budget_curve,
@@ -48,7 +50,18 @@ def test_gradients_reach_scorers_and_lm_lora_only(world, family):
     torch.manual_seed(0)
     model = ArrCocVLM(cfg)
     batch = VqaSource(cfg.train_data, model.collate, cfg.max_bad_fraction).batch(range(4))
-    model(batch)["loss"].backward()
+    out = model(batch)
+    for r in out["relevance"]:
+        r.retain_grad()
+    out["loss"].backward()
+    # the gate multiplies every token before pooling: tokens read at full detail and those pooled into a coarse
+    # token both pass the LM's gradient to r; unread tokens get none
+    for r, reading in zip(out["relevance"], out["readings"]):
+        assert int(reading.full) > 0 and int(reading.coarse) > 0
+        full = reading.group[reading.weight[:, 1] == 0, 0]
+        coarse = reading.group[reading.weight[:, 1] > 0].flatten()
+        unread = reading.share(len(r)) == 0
+        assert (r.grad[full] != 0).all() and (r.grad[coarse] != 0).all() and (r.grad[unread] == 0).all()
     named = dict(model.named_parameters())
     trainable = {n for n, p in named.items() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("participatory.") for n in trainable)
@@ -98,10 +111,115 @@ def test_budget_sets_how_many_visual_tokens_the_lm_reads(world):
     batch = VqaSource(cfg.eval_data, model.collate, cfg.max_bad_fraction).batch(range(3))
     out = model(batch)
     assert float(out["visual_tokens"]) == 5.0
-    assert [len(s) for s in out["selected"]] == [5, 5, 5]
-    # the allocator spends the budget where relevance is highest (no noise at evaluation)
-    for r, sel in zip(out["relevance"], out["selected"]):
-        assert set(sel.tolist()) == set(r.detach().topk(5).indices.tolist())
+    assert [reading.count for reading in out["readings"]] == [5, 5, 5]
+    # the LM reads the level-of-detail allocation of the budget (no noise at evaluation)
+    for r, reading in zip(out["relevance"], out["readings"]):
+        expected = lod_allocation(r, (8, 8), 5, cfg.focus_vs_diversify)
+        assert torch.equal(reading.anchor, expected.anchor) and torch.equal(reading.group, expected.group)
+
+
+# --- the level-of-detail allocator on its own: a pure function of r, the grid, the budget, f and noise --------
+def _levels(reading, grid):
+    """Each region's level in a reading: 2 full (its tokens read one by one), 1 coarse (pooled into one read
+    token), 0 unread. A one-token region read at either level looks full."""
+    pooled = {int(a) for a, weight in zip(reading.anchor, reading.weight) if (weight > 0).sum() > 1}
+    read = set(reading.group[reading.weight > 0].tolist())
+    return [0 if int(m[0]) not in read else 1 if int(m[0]) in pooled else 2 for m in region_members(grid)]
+
+
+def _spendable_for_every_ranking(grid, m):
+    """Brute force: every ordering of the regions' sizes has some F full regions with P_F <= m <= P_F + R - F."""
+    sizes = (region_members(grid) >= 0).sum(1).tolist()
+    for order in set(itertools.permutations(sizes)):
+        prefix = [sum(order[:f]) for f in range(len(order) + 1)]
+        if not any(p <= m <= p + len(order) - f for f, p in enumerate(prefix)):
+            return False
+    return True
+
+
+def test_lod_allocation_spends_exactly_the_budget_on_every_grid():
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    for h, w in itertools.product(range(1, 8), repeat=2):
+        n, members = h * w, region_members((h, w))
+        assert sorted(members[members >= 0].tolist()) == list(range(n))  # the regions tile the grid
+        for k in range(1, n + 1):
+            m = lod_count((h, w), k)
+            if k <= n - 6 or k == n:
+                assert m == k, (h, w, k)
+            if members.shape[0] <= 6:  # the documented fallback: the largest count every ranking can spend
+                assert m == max(c for c in range(1, k + 1) if _spendable_for_every_ranking((h, w), c)), (h, w, k)
+            reading = lod_allocation(torch.rand(n), (h, w), k, rng.random(), torch.randn(members.shape[0]))
+            assert reading.count == m
+            torch.testing.assert_close(reading.weight.sum(1), torch.ones(m))  # each a mean of its tokens
+            read = reading.group[reading.weight > 0].tolist()
+            assert len(read) == len(set(read)), "no visual token is read twice"
+            assert reading.anchor.tolist() == sorted(reading.anchor.tolist())  # raster order
+            assert int(reading.full) + int(reading.coarse) == sum(level > 0 for level in _levels(reading, (h, w)))
+
+
+def test_a_very_relevant_region_gets_full_detail_a_low_one_coarse_or_none():
+    grid, members = (8, 8), region_members((8, 8))
+    r = torch.full((64,), 0.3) + 0.01 * torch.rand(64, generator=torch.Generator().manual_seed(0))
+    high, low = members[5], members[10]  # two interior regions
+    r[high] = 0.95
+    r[low] = 0.02
+    for focus in (0.25, 0.5, 1.0):
+        levels = _levels(lod_allocation(r, grid, 16, focus), grid)
+        assert levels[5] == 2 and levels[10] == 0, (focus, levels)
+    # f = 0: the budget goes to coverage: 16 regions, each one token; nothing is read at full detail
+    assert _levels(lod_allocation(r, grid, 16, 0.0), grid) == [1] * 16
+    # levels never rise as relevance falls (region relevance = mean r over its tokens)
+    r = torch.rand(64, generator=torch.Generator().manual_seed(1))
+    region_r = torch.stack([r[m].mean() for m in members])
+    levels = torch.tensor(_levels(lod_allocation(r, grid, 20, 0.5), grid))
+    assert (levels[region_r.argsort(descending=True)].diff() <= 0).all()
+
+
+def test_focus_vs_diversify_trades_full_regions_for_coarse_ones():
+    """Higher f: more of the budget at full detail, so fewer regions read; lower f: more regions, coarse."""
+    r = torch.rand(16 * 12, generator=torch.Generator().manual_seed(2))
+    splits = []
+    for focus in (0.0, 0.25, 0.5, 0.75, 1.0):
+        reading = lod_allocation(r, (16, 12), 24, focus)
+        assert reading.count == 24
+        splits.append((int(reading.full), int(reading.coarse)))
+    fulls, coarses = [s[0] for s in splits], [s[1] for s in splits]
+    regions = [f + c for f, c in splits]
+    assert fulls == sorted(fulls) and coarses == sorted(coarses, reverse=True) and regions == sorted(regions)[::-1]
+    assert splits[0] == (0, 24) and splits[-1] == (6, 0)  # all coarse at f = 0; 24 tokens = 6 full regions at 1
+    # the share of the budget at full detail is f (to a whole region): 4 * full <= f * 24 < 4 * (full + 1)
+    assert all(4 * f <= focus * 24 < 4 * (f + 1) for f, focus in zip(fulls, (0.0, 0.25, 0.5, 0.75, 1.0)))
+
+
+def test_lod_allocation_needs_no_host_sync():
+    """On the meta device any host sync (.item(), a data-dependent shape) raises: the allocation's shapes come
+    from the grid and the budget alone, so a GPU step never waits for the allocator."""
+    reading = lod_allocation(torch.rand(70, device="meta"), (7, 10), 20, 0.5, torch.rand(20, device="meta"))
+    assert reading.anchor.device.type == "meta" and reading.count == 20
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_coarse_tokens_are_region_means_at_their_top_left_position(world, family):
+    """All coarse (f = 0, 16 of 64): read token j is the mean of its region's four merged tokens (and deepstack
+    features), at the M-RoPE position the full image gives the region's top-left token."""
+    cfg = cfg_for(world, family, focus_vs_diversify=0.0)
+    model = ArrCocVLM(cfg).eval()
+    batch = VqaSource(cfg.eval_data, model.collate, cfg.max_bad_fraction).batch([0])
+    with torch.no_grad():
+        seq = model._sequences(batch, False, None, "relevance", None, None)
+        vision = model.base.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
+                                                     return_dict=True)
+    members = region_members((8, 8))
+    assert seq["readings"][0].count == 16 and int(seq["readings"][0].coarse) == 16
+    pad = int((seq["attention_mask"][0] == 0).sum())
+    read = slice(pad + 1, pad + 17)  # after vision_start
+    torch.testing.assert_close(seq["inputs_embeds"][0, read], vision.pooler_output[0][members].mean(1))
+    torch.testing.assert_close(seq["position_ids"][:, 0, read], batch["position_ids"][:, 0, 1 + members[:, 0]])
+    deepstack = getattr(vision, "deepstack_features", None)
+    if deepstack is not None:
+        for layer, read_layer in zip(deepstack, seq["extra"]["deepstack_visual_embeds"]):
+            torch.testing.assert_close(read_layer, layer[0][members].mean(1))
 
 
 def test_budget_curve_table_and_png(world, tmp_path):
@@ -132,7 +250,7 @@ def test_bf16_keeps_the_vlm_base_in_bf16_and_trains_fp32_weights(world):
     engine, optimizer, scheduler = build_optimization(model, cfg, World())
     batch = VqaSource(cfg.train_data, model.collate, cfg.max_bad_fraction).batch(range(4))
     noise = model.training_noise(batch, torch.Generator().manual_seed(0))
-    assert noise.shape == (4, 64)
+    assert noise.shape == (4, 16)  # one per 2x2 region of the 8x8 merged-token grid
     loss = train_step(engine, model, optimizer, scheduler, [batch], [noise], cfg)
     assert torch.isfinite(loss)
     moments = [t for s in optimizer.state_dict()["state"].values() for k, t in s.items() if k != "step"]
@@ -180,7 +298,8 @@ def test_training_reports_vqa_lines_and_resumes_exactly_after_sigterm(world, tmp
     result = _train(world, straight)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line.split("=")[0] for line in result.stdout.splitlines() if "=" in line]
-    assert lines == ["vqa_accuracy", "relevance_score", "visual_tokens", "eval_loss"] * 2  # steps 2 and 4
+    assert lines == ["vqa_accuracy", "relevance_score", "visual_tokens", "lod_full", "lod_coarse",
+                     "eval_loss"] * 2  # steps 2 and 4
     assert (straight / "budget_curve.png").is_file() and (straight / "adapter" / "arrcoc_modules.pt").is_file()
 
     interrupted = tmp_path / "interrupted"

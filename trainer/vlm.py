@@ -3,22 +3,29 @@
 Per image and question:
   frozen vision tower -> merged visual tokens on an (h, w) grid (get_image_features)
   texture array / entropy / Sobel salience on the same grid -> P, S; Q from the visual tokens and the question
-  -> r = c*(P+S)/2 + (1-c)*Q -> keep K of the n tokens (Gumbel-top-K while training): relevant regions keep
-     all their tokens, others few or none; K = --token-budget, or --token-fraction of n
-  -> kept tokens times the straight-through gate 1 + r - stopgrad(r), at their original 3D M-RoPE positions
-  -> LoRA'd language model reads [vision_start, kept tokens, vision_end, question, answer].
+  -> r = c*(P+S)/2 + (1-c)*Q -> spend a budget of K tokens (K = --token-budget, or --token-fraction of n) over
+     2x2 regions of the grid, most relevant first (Gumbel noise on the region logits while training): the top
+     regions at full detail (all their tokens), the next coarse (one token, their mean), the rest not at all;
+     focus_vs_diversify f is the share of K spent at full detail (lod_allocation)
+  -> every token times the straight-through gate 1 + r - stopgrad(r), then pooled per read token, each read
+     token at its own M-RoPE position (a coarse one at its region's top-left token's)
+  -> LoRA'd language model reads [vision_start, read tokens, vision_end, question, answer].
 
 Positions come from the model's own get_rope_index over the full sequence (every image placeholder), and the
-dropped tokens' columns are removed: the LM sees each kept token where the full image would have put it
+unread tokens' columns are removed: the LM sees each read token where the full image would have put it
 (transformers models/qwen2_vl/modeling_qwen2_vl.py Qwen2VLModel.get_rope_index; the text model takes
 inputs_embeds and 3-row position_ids). Qwen3-VL's deepstack features are gathered the same way and passed as
-visual_pos_masks / deepstack_visual_embeds (models/qwen3_vl/modeling_qwen3_vl.py Qwen3VLTextModel.forward).
+visual_pos_masks / deepstack_visual_embeds (models/qwen3_vl/modeling_qwen3_vl.py Qwen3VLTextModel.forward),
+pooled per read token like the visual tokens.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +63,144 @@ def vlm_type(path: str) -> str | None:
 
 
 def kept_count(cfg: TrainConfig, n: int, fraction: float | None = None) -> int:
-    """Visual tokens the LM reads out of n: --token-budget (else --token-fraction of n, or `fraction` when
-    given, as the budget curve does), at least 1, at most n."""
+    """The visual-token budget of an image of n tokens: --token-budget (else --token-fraction of n, or `fraction`
+    when given, as the budget curve does), at least 1, at most n. The LM reads lod_count(grid, budget) tokens:
+    the budget itself except within 6 tokens of n."""
     if fraction is not None:
         k = round(fraction * n)
     else:
         k = cfg.token_budget if cfg.token_budget > 0 else round(cfg.token_fraction * n)
     return int(min(n, max(1, k)))
+
+
+# --- level of detail: regions of 2x2 merged tokens, each read at full detail, coarse (one token) or not at all --
+REGION = 2  # a region is REGION x REGION merged tokens (smaller at the bottom and right edges of odd grids)
+
+
+@functools.lru_cache(maxsize=256)
+def region_members(grid: tuple[int, int]) -> torch.Tensor:
+    """[R, 4] the raster indices of each region's tokens on an (h, w) merged-token grid, top-left first, -1
+    padding the edge regions of odd grids; regions in raster order of their blocks. A function of the grid
+    only, so it is built once per image size on the host."""
+    h, w = grid
+    by, bx, dy, dx = torch.meshgrid(torch.arange(-(-h // REGION)), torch.arange(-(-w // REGION)),
+                                    torch.arange(REGION), torch.arange(REGION), indexing="ij")
+    y, x = by * REGION + dy, bx * REGION + dx
+    return torch.where((y < h) & (x < w), y * w + x, -1).reshape(-1, REGION * REGION)
+
+
+@functools.lru_cache(maxsize=4096)
+def lod_count(grid: tuple[int, int], k: int) -> int:
+    """Visual tokens the LOD allocation reads for a budget of k on an (h, w) grid: k itself, except for a few
+    budgets within 6 tokens of the whole image, which no mix of full (s tokens), coarse (1) and unread (0)
+    regions spends exactly for every ranking of the regions: those read the largest count below k that every
+    ranking spends exactly (61 of 64 for k = 62 or 63 on an 8x8 grid). A function of the grid and k only, so the
+    sequence length is known on the host before relevance is computed (no device sync).
+
+    Levels fall with rank (full regions, then coarse, then none), so a count m is spendable for a ranking iff
+    some F full regions leave it within reach: P_F <= m <= P_F + (R - F), P_F the first F regions' tokens.
+    For F <= R-3 those ranges join up from 0 (each region adds at most 4 <= R-F+1), so only the sizes of the
+    three least relevant regions decide, and every ordered choice of them from the grid's sizes is tried."""
+    sizes = (region_members(grid) >= 0).sum(1).tolist()
+    n, regions = sum(sizes), len(sizes)
+    tail = min(regions, 3)
+    pool = [s for s in set(sizes) for _ in range(min(sizes.count(s), tail))]
+    tails = set(itertools.permutations(pool, tail))
+
+    def spendable(m: int, last: tuple[int, ...]) -> bool:
+        for j in range(tail + 1):  # F = R - j full regions: the last j of the ranking are not full
+            low = n - sum(last[tail - j:])
+            if (0 if j == tail and regions > tail else low) <= m <= low + j:
+                return True
+        return False
+
+    k = min(n, max(1, k))
+    return next(m for m in range(k, 0, -1) if all(spendable(m, last) for last in tails))
+
+
+@dataclass
+class Reading:
+    """What the LM reads of one image: m tokens, read token j the weighted sum of the visual tokens group[j]
+    (weights weight[j]: one token with weight 1 at full detail, a region's tokens with equal weights when
+    coarse), at the M-RoPE position of visual token anchor[j] (ascending: raster order). full / coarse: regions
+    read at each level (0-d tensors; None for the token-level baselines)."""
+
+    group: torch.Tensor  # [m, g] long
+    weight: torch.Tensor  # [m, g] float
+    anchor: torch.Tensor  # [m] long
+    full: torch.Tensor | None = None
+    coarse: torch.Tensor | None = None
+
+    @classmethod
+    def tokens(cls, selected: torch.Tensor) -> Reading:
+        """Token-level: each selected visual token read as it is."""
+        return cls(selected[:, None], torch.ones((len(selected), 1), device=selected.device), selected)
+
+    @property
+    def count(self) -> int:
+        return self.anchor.shape[0]
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """[m, d] the read tokens of per-visual-token features [n, d]."""
+        return (features[self.group] * self.weight[..., None].to(features.dtype)).sum(1)
+
+    def share(self, n: int) -> torch.Tensor:
+        """[n] the allocation distribution a over the visual tokens: each read token carries 1/m, spread equally
+        over the tokens it pools (the model's relevance_score reads this)."""
+        return torch.zeros(n, device=self.weight.device).index_add_(
+            0, self.group.flatten(), (self.weight / self.count).flatten())
+
+
+@functools.lru_cache(maxsize=256)
+def _region_tables(grid: tuple[int, int], device: torch.device) -> dict[str, torch.Tensor]:
+    """What lod_allocation needs of a grid, built once per image size and device: the regions' members (padding
+    pointing at token 0 with weight 0), sizes, and the candidate read tokens: every token at full detail (group
+    itself, weight 1), then every region coarse (group its members, equal weights), each with its anchor."""
+    members = region_members(grid).to(device)
+    valid = members >= 0
+    sizes = valid.sum(1)
+    index = members.clamp_min(0)
+    width = members.shape[1]
+    one_hot = torch.zeros((members.numel(), width), device=device)
+    one_hot[:, 0] = 1.0
+    return {"index": index, "valid": valid, "sizes": sizes, "steps": torch.arange(len(sizes) + 1, device=device),
+            "anchors": torch.cat([members.flatten(), members[:, 0]]),
+            "group": torch.cat([index.reshape(-1, 1).expand(-1, width), index]),
+            "weight": torch.cat([one_hot, valid / sizes[:, None]])}
+
+
+def lod_allocation(r: torch.Tensor, grid: tuple[int, int], k: int, focus: float,
+                   noise: torch.Tensor | None = None) -> Reading:
+    """Spend a budget of k visual tokens over the 2x2 regions of an (h, w) grid by relevance r [h*w].
+
+    Regions are ranked by logit(mean r over the region) (+ noise [>= R], Gumbel while training). The top F
+    regions are read at full detail (all their tokens, 4 inside the grid), the next C coarse (one token each),
+    the rest not at all: P_F + C = lod_count(grid, k) tokens, P_F the full regions' tokens. focus
+    (focus_vs_diversify) is the share of the budget spent at full detail: F is the most regions whose tokens fit
+    in focus*k, raised where needed so that enough regions remain to spend the rest coarse. With 4-token regions
+    that is the synthetic model's K(f) = round(K_max - f*(K_max - K_min)) for regions: from k regions all coarse
+    at f = 0 down to k/4 all full at f = 1. Pure and sync-free: every shape follows from the grid and k (it runs
+    on the meta device)."""
+    t = _region_tables(grid, r.device)
+    index, valid, sizes, steps = t["index"], t["valid"], t["sizes"], t["steps"]
+    regions, m = len(sizes), lod_count(grid, k)
+    logits = torch.logit(((r.detach()[index] * valid).sum(1) / sizes).clamp(1e-4, 1 - 1e-4))
+    if noise is not None:
+        logits = logits + noise[:regions]
+    order = logits.argsort(descending=True)
+    spent = torch.cat([sizes.new_zeros(1), sizes[order].cumsum(0)])  # P_F: tokens of the first F at full detail
+    by_share = (spent <= focus * m).sum() - 1  # the most full regions the detail share affords (P_0 = 0)
+    at_least = (spent + regions - steps < m).sum()  # the fewest that leave enough regions to spend m coarse
+    full_count = torch.maximum(by_share, at_least)
+    coarse_count = m - spent.gather(0, full_count[None])[0]
+    rank = torch.empty_like(order).scatter_(0, order, steps[:-1])
+    full = rank < full_count
+    coarse = ~full & (rank < full_count + coarse_count)
+    # Of the candidates, the m active ones in raster order of their anchors (unique: a region is read at one
+    # level); inactive ones sort last. Shapes fixed by m.
+    active = torch.cat([(full[:, None] & valid).flatten(), coarse])
+    pick = torch.where(active, t["anchors"], len(t["anchors"])).argsort()[:m]
+    return Reading(t["group"][pick], t["weight"][pick], t["anchors"][pick], full.sum(), coarse.sum())
 
 
 def load_processors(path: str):
@@ -94,8 +232,8 @@ class VisualQueryScorer(nn.Module):
 
 class VlmCollator:
     """Dict samples of trainer.vqa.VqaDataset -> one batch: pixel patches, grids, the full token sequences
-    (every image placeholder present, right-padded), M-RoPE positions, the images at the processor's size for
-    the texture arrays, and ground-truth relevance per image."""
+    (every image placeholder present, right-padded), M-RoPE positions, each image's merged-token grid, the
+    images at the processor's size for the texture arrays, and ground-truth relevance per image."""
 
     def __init__(self, tokenizer, image_processor, config, rope_index):
         # rope_index: the base model's get_rope_index, a function of the ids and the config only. Run here, in a
@@ -112,12 +250,13 @@ class VlmCollator:
 
         processed = self.image_processor(images=[s["pixels"] for s in samples], return_tensors="pt")
         grid_thw = processed["image_grid_thw"]
-        rows, truth, counts = [], [], []
+        rows, truth, counts, grids = [], [], [], []
         texture_images = []
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, (sample, (t, h, w)) in enumerate(zip(samples, grid_thw.tolist())):
             gh, gw = h // self.merge, w // self.merge
             counts.append(t * gh * gw)
+            grids.append((t * gh, gw))  # frames stacked by rows (an image is one frame)
             by_size.setdefault((h, w), []).append(i)
             truth.append(self._truth(sample, h * self.patch, w * self.patch, gh, gw))
         # The resized uint8 images, grouped by size: the model computes their texture arrays on its device, one
@@ -143,7 +282,7 @@ class VlmCollator:
                                            image_grid_thw=grid_thw, attention_mask=mask)
         return {"pixel_values": processed["pixel_values"], "image_grid_thw": grid_thw, "input_ids": ids,
                 "attention_mask": mask, "position_ids": positions, "prompt_lengths": [len(p) for p, _ in rows],
-                "answer_lengths": [len(a) for _, a in rows], "visual_counts": counts,
+                "answer_lengths": [len(a) for _, a in rows], "visual_counts": counts, "visual_grids": grids,
                 "texture_images": texture_images, "truth": truth, "answers": [s["answers"] for s in samples]}
 
     @staticmethod
@@ -195,25 +334,24 @@ class ArrCocVLM(TrainableState, nn.Module):
         return self.participatory.query.weight.device
 
     def training_noise(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor | None:
-        """Gumbel noise per visual token of one training batch (rows padded to its longest image), on the
+        """Gumbel noise per region of one training batch (rows padded to its image with most regions), on the
         generator's device."""
-        shape = torch.Size((len(batch["visual_counts"]), max(batch["visual_counts"])))
+        regions = [region_members(grid).shape[0] for grid in batch["visual_grids"]]
+        shape = torch.Size((len(regions), max(regions)))
         return gumbel_noise(shape, self.cfg, generator, self.device)
 
     # --- the allocator ---------------------------------------------------------------------------------------
-    def _select(self, r: torch.Tensor, k: int, selection: str, noise: torch.Tensor | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-        n = r.shape[0]
+    def _read(self, r: torch.Tensor, grid: tuple[int, int], k: int, selection: str, noise: torch.Tensor | None,
+              generator: torch.Generator | None) -> Reading:
+        """ARR-COC's level-of-detail allocation of a budget of k; the baselines read as many whole tokens."""
+        if selection == "relevance":
+            return lod_allocation(r, grid, k, self.cfg.focus_vs_diversify, noise)
+        n, k = r.shape[0], lod_count(grid, k)
         if selection == "all" or k >= n:
-            return torch.arange(n, device=r.device)
+            return Reading.tokens(torch.arange(n, device=r.device))
         if selection == "uniform":  # strided: evenly spaced over the raster order
-            return torch.linspace(0, n - 1, k, device=r.device).round().long()
-        if selection == "random":
-            return torch.randperm(n, generator=generator)[:k].sort().values.to(r.device)
-        logits = torch.logit(r.detach().clamp(1e-4, 1 - 1e-4))
-        if noise is not None:
-            logits = logits + noise
-        return logits.topk(k).indices.sort().values
+            return Reading.tokens(torch.linspace(0, n - 1, k, device=r.device).round().long())
+        return Reading.tokens(torch.randperm(n, generator=generator)[:k].sort().values.to(r.device))  # random
 
     def _cell_features(self, batch: dict) -> tuple[list, list, list]:
         """Texture [n,13], entropy [n] and edge [n] per image on the merged-token grid, computed batched on the
@@ -242,7 +380,7 @@ class ArrCocVLM(TrainableState, nn.Module):
         deepstack = getattr(vision, "deepstack_features", None)
         texture, entropy, edges = self._cell_features(batch)
         c = cfg.compress_vs_particularize
-        rows, positions, kept_deep, relevance, selected, aux_terms = [], [], [], [], [], []
+        rows, positions, read_deep, relevance, readings, aux_terms = [], [], [], [], [], []
         for i, n in enumerate(batch["visual_counts"]):
             prompt_len = batch["prompt_lengths"][i]
             end = prompt_len + (batch["answer_lengths"][i] if with_answer else 0)
@@ -253,22 +391,23 @@ class ArrCocVLM(TrainableState, nn.Module):
             p = entropy[i]
             s = edges[i] / edges[i].max().clamp_min(1e-8)
             r = c * (p + s) / 2 + (1 - c) * q
-            k = kept_count(cfg, n, fraction)
-            sel = self._select(r, k, selection, None if noise is None else noise[i, :n], generator)
-            r_sel = r.gather(0, sel)
-            tokens = visual[sel] * (1 + r_sel - r_sel.detach())[:, None]  # straight-through gate
-            rows.append(torch.cat([text_embeds[i, :1], tokens, text_embeds[i, n + 1:end]]))
-            keep = torch.cat([torch.zeros(1, dtype=torch.long, device=device), 1 + sel,
+            reading = self._read(r, batch["visual_grids"][i], kept_count(cfg, n, fraction), selection,
+                                 None if noise is None else noise[i], generator)
+            gated = visual * (1 + r - r.detach())[:, None]  # straight-through gate, before pooling
+            rows.append(torch.cat([text_embeds[i, :1], reading.pool(gated), text_embeds[i, n + 1:end]]))
+            keep = torch.cat([torch.zeros(1, dtype=torch.long, device=device), 1 + reading.anchor,
                               torch.arange(n + 1, end, device=device)])
             positions.append(full_positions[:, i, keep])
             if deepstack is not None:
-                kept_deep.append([layer[i][sel] for layer in deepstack])
+                read_deep.append([reading.pool(layer[i]) for layer in deepstack])
             relevance.append(r)
-            selected.append(sel)
+            readings.append(reading)
             truth = batch["truth"][i]
-            if truth is not None:
-                target = (truth.to(device).gather(0, sel) > 0).float()
-                aux_terms.append(F.binary_cross_entropy(q.gather(0, sel).clamp(1e-6, 1 - 1e-6), target))
+            if truth is not None:  # on the tokens read (at either level) only, as feedback comes only from them
+                read = (reading.share(n) > 0).float()
+                target = (truth.to(device) > 0).float()
+                bce = F.binary_cross_entropy(q.clamp(1e-6, 1 - 1e-6), target, reduction="none")
+                aux_terms.append((bce * read).sum() / read.sum())
         # left padding: every row ends at its last real token, where generation continues
         length = max(row.shape[0] for row in rows)
         b, width = len(rows), text_embeds.shape[-1]
@@ -282,8 +421,7 @@ class ArrCocVLM(TrainableState, nn.Module):
             inputs[i, pad:] = row
             position_ids[:, i, pad:] = positions[i]
             mask[i, pad:] = 1
-            k = selected[i].shape[0]
-            visual_mask[i, pad + 1:pad + 1 + k] = True
+            visual_mask[i, pad + 1:pad + 1 + readings[i].count] = True
             if with_answer:
                 n, start = batch["visual_counts"][i], batch["prompt_lengths"][i]
                 answer = batch["input_ids"][i, start:start + batch["answer_lengths"][i]].to(device)
@@ -291,10 +429,10 @@ class ArrCocVLM(TrainableState, nn.Module):
         extra = {}
         if deepstack is not None:
             extra = {"visual_pos_masks": visual_mask,
-                     "deepstack_visual_embeds": [torch.cat([d[j] for d in kept_deep]) for j in range(len(deepstack))]}
+                     "deepstack_visual_embeds": [torch.cat([d[j] for d in read_deep]) for j in range(len(deepstack))]}
         aux = torch.stack(aux_terms).mean() if aux_terms else inputs.new_zeros(())
         return {"inputs_embeds": inputs, "position_ids": position_ids, "attention_mask": mask, "labels": labels,
-                "extra": extra, "relevance": relevance, "selected": selected, "aux": aux}
+                "extra": extra, "relevance": relevance, "readings": readings, "aux": aux}
 
     # --- training and scoring --------------------------------------------------------------------------------
     def _autocast(self):
@@ -315,14 +453,14 @@ class ArrCocVLM(TrainableState, nn.Module):
         logits = self.base.lm_head(hidden[:, :-1])
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), seq["labels"][:, 1:].flatten(), ignore_index=-100)
         loss = lm_loss + self.cfg.aux_weight * seq["aux"]
-        visual_tokens = torch.tensor([float(s.shape[0]) for s in seq["selected"]]).mean()
+        visual_tokens = torch.tensor([float(reading.count) for reading in seq["readings"]]).mean()
         return {"loss": loss, "lm_loss": lm_loss, "aux_loss": seq["aux"], "visual_tokens": visual_tokens,
-                "relevance": seq["relevance"], "selected": seq["selected"]}
+                "relevance": seq["relevance"], "readings": seq["readings"]}
 
     @torch.no_grad()
     def generate(self, batch: dict, selection: str = "relevance", fraction: float | None = None,
                  generator: torch.Generator | None = None) -> tuple[list[str], dict]:
-        """Greedy answers (a KV cache, positions continuing after each row's last one) and the selection used.
+        """Greedy answers (a KV cache, positions continuing after each row's last one) and what the LM read.
         Under FSDP2 this is not the root module's forward, so the root's own weights are gathered around it (the
         decoder layers and vision blocks gather theirs in their own forwards)."""
         unshard = hasattr(self, "unshard")  # a fully_shard'ed model (torch.distributed.fsdp.FSDPModule)

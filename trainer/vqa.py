@@ -258,19 +258,21 @@ class VqaSource:
         return self.collate([self.dataset[int(i) % len(self.dataset)] for i in indices])
 
 
-# Sums evaluate_vqa all-reduces: soft accuracy, relevance share, examples with boxes, visual tokens, answer loss.
-_SUMS = ("accuracy", "relevance", "boxed", "tokens", "loss")
+# Sums evaluate_vqa all-reduces: soft accuracy, relevance share, examples with boxes, visual tokens, answer loss,
+# regions read at full detail and coarse (ARR-COC's level-of-detail allocation only).
+_SUMS = ("accuracy", "relevance", "boxed", "tokens", "loss", "full", "coarse")
 
 
 @torch.no_grad()
 def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance", fraction: float | None = None,
                  world: World = World()) -> dict[str, float]:
-    """vqa_accuracy (greedy answers, soft accuracy), relevance_score (share of the kept tokens' weight on the
-    boxed cells, where boxes exist), visual_tokens (mean tokens the LM read) and eval_loss over the first
-    eval_size examples. Each rank scores its shard with the same number of batches (a sharded model's forward
-    is a collective; a rank out of examples scores a stand-in batch with weight 0) and the sums are
-    all-reduced: one host sync per evaluation besides each batch's generated tokens. Random selection draws
-    from a generator seeded by (cfg.seed, the batch's first example)."""
+    """vqa_accuracy (greedy answers, soft accuracy), relevance_score (sum_i min(a_i, ghat_i) of the allocation
+    distribution a and the boxed share of each merged cell, where boxes exist), visual_tokens (mean tokens the LM
+    read), for ARR-COC's selection lod_full and lod_coarse (mean regions read at full detail and coarse), and
+    eval_loss over the first eval_size examples. Each rank scores its shard with the same number of batches (a
+    sharded model's forward is a collective; a rank out of examples scores a stand-in batch with weight 0) and
+    the sums are all-reduced: one host sync per evaluation besides each batch's generated tokens. Random
+    selection draws from a generator seeded by (cfg.seed, the batch's first example)."""
     from .evaluation import shard
 
     was_training = model.training
@@ -290,13 +292,15 @@ def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance", fr
         sums[4] = float(loss["lm_loss"]) * len(answers)
         for i, predicted in enumerate(answers):
             sums[0] += soft_accuracy(predicted, batch["answers"][i])
-            selected = seq["selected"][i].cpu()
-            sums[3] += len(selected)
+            reading = seq["readings"][i]
+            sums[3] += reading.count
+            if reading.full is not None:
+                sums[5] += float(reading.full)
+                sums[6] += float(reading.coarse)
             truth = batch["truth"][i]
             if truth is not None:
                 truth = truth / truth.sum().clamp_min(1e-8)
-                share = torch.full((len(selected),), 1.0 / len(selected))
-                sums[1] += float(torch.minimum(share, truth[selected]).sum())
+                sums[1] += float(torch.minimum(reading.share(len(truth)).cpu(), truth).sum())
                 sums[2] += 1
         totals += weight * sums
     if world.distributed:
@@ -304,11 +308,14 @@ def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance", fr
         dist.all_reduce(totals)
         totals = totals.cpu()
     model.train(was_training)
-    accuracy, relevance, boxed, tokens, loss = totals.tolist()
+    accuracy, relevance, boxed, tokens, loss, full, coarse = totals.tolist()
     metrics = {"vqa_accuracy": accuracy / count}
     if boxed:
         metrics["relevance_score"] = relevance / boxed
-    metrics.update(visual_tokens=tokens / count, eval_loss=loss / count)
+    metrics["visual_tokens"] = tokens / count
+    if selection == "relevance":
+        metrics.update(lod_full=full / count, lod_coarse=coarse / count)
+    metrics["eval_loss"] = loss / count
     return metrics
 
 
