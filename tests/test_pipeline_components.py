@@ -109,6 +109,16 @@ def test_markdown_summary_states_the_gate_both_ways():
     assert "does not pass the gate (threshold 0.6)" in markdown_summary(metrics, {}, {}, 0.6)
 
 
+def test_a_metric_the_baseline_lacks_is_shown_as_a_dash_not_nan():
+    """lod_full / lod_coarse: the random-selection baseline reads no regions."""
+    metrics = {"vqa_accuracy": 0.5, "lod_full": 2.0}
+    baseline = {"vqa_accuracy": 0.25}
+    summary = markdown_summary(metrics, baseline, {}, 0.4, gate_metric="vqa_accuracy")
+    assert "| vqa_accuracy | 0.5000 | 0.2500 |" in summary and "| lod_full | 2.0000 | - |" in summary
+    page = html_report(metrics, baseline, {}, {}, [], [])
+    assert "nan" not in summary + page and "random allocation: 0.2500" in page
+
+
 def _adapter(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()

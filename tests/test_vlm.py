@@ -259,6 +259,25 @@ def test_bf16_keeps_the_vlm_base_in_bf16_and_trains_fp32_weights(world):
     assert len(answers) == 4
 
 
+def test_activation_checkpointing_recomputes_the_vlm_decoder_layers(world):
+    """--activation-checkpointing on a Qwen-VL: its language model's decoder layers run again in the backward
+    pass (the attention block is counted: transformers checkpoints a layer's forward, so the layer's own hooks
+    run once, and torch stops the recompute once the last saved tensor is back)."""
+    calls = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = ArrCocVLM(cfg_for(world, activation_checkpointing=checkpointing))
+        model.train()
+        layers = model.base.model.language_model.layers
+        count = [0]
+        for layer in layers:
+            layer.self_attn.register_forward_hook(lambda *_, count=count: count.__setitem__(0, count[0] + 1))
+        batch = VqaSource(model.cfg.train_data, model.collate, model.cfg.max_bad_fraction).batch(range(4))
+        model(batch)["loss"].backward()
+        calls.append(count[0] / len(layers))
+    assert calls == [1.0, 2.0]
+
+
 def test_a_short_run_learns_to_keep_the_tokens_that_answer_the_question(world, tmp_path):
     """150 steps on images whose answer is the colour of one boxed cell out of 64, reading a quarter of the
     tokens: the trained adapter answers better than the untrained model reading every token and better than

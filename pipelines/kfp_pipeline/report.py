@@ -34,6 +34,10 @@ class Row:
         return QUESTION.get(self.qtype, "{colour} " + self.qtype).format(colour=self.colour)
 
 
+def _fixed(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _overlay(ax, image: np.ndarray, cells: np.ndarray, cmap: str, vmax: float, title: str,
              hide_zeros: bool = False) -> None:
     h, w = image.shape[:2]
@@ -163,7 +167,7 @@ def html_report(metrics: Mapping[str, float], baseline: Mapping[str, float], ten
             out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{alt}"></figure>')
         return "\n".join(out)
 
-    metric_rows = [(name, f"{value:.4f}  (random allocation: {baseline.get(name, float('nan')):.4f})")
+    metric_rows = [(name, f"{value:.4f}" + (f"  (random allocation: {baseline[name]:.4f})" if name in baseline else ""))
                    for name, value in metrics.items()]
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>ARR-COC evaluation</title>",
@@ -203,7 +207,8 @@ def markdown_summary(metrics: Mapping[str, float], baseline: Mapping[str, float]
         "",
         "| metric | adapter | random allocation |",
         "|---|---|---|",
-        *[f"| {name} | {value:.4f} | {baseline.get(name, float('nan')):.4f} |" for name, value in metrics.items()],
+        # a metric the baseline has no counterpart for (lod_full, lod_coarse: random selection has no regions): "-"
+        *[f"| {name} | {value:.4f} | {_fixed(baseline.get(name))} |" for name, value in metrics.items()],
         "",
         "| tension | value |",
         "|---|---|",
