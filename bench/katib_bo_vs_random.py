@@ -13,14 +13,17 @@ Design, for two shared CPU cores:
   Katib's controller asks it; random_state is the search seed. Each suggestion is rendered into the trial
   template as Katib renders it, the trainer's tension flags are read back (so the template's value encoding is
   what is measured) and snapped to the nearest grid value.
-- Random: uniform draws of grid points. A search that never reaches the target within the budget counts as
-  budget + 1 ("never" in the table).
+- Random: uniform draws of grid points, seeded searches and their exact distribution (geometric), which has no
+  sampling noise. A search that never reaches the target within the budget counts as budget + 1 ("never").
 - Limits: 64 points of which few reach the target, snapped suggestions (a GP that proposes 0.5 scores a grid
   neighbour), 60-step runs that rank the tensions differently from the 300-step trials of the Experiment, one
   trainer seed per point (no noise between repeats).
 
+Choosing the best of several settings on the same seeds flatters it; --first-seed confirms the choice on a fresh
+set (Bayesian random_state and random-search seeds both start there).
+
 Run: .venv/bin/python bench/katib_bo_vs_random.py [--points 4] [--bo-seeds 15] [--random-seeds 201]
-     [--experiment FILE] [--setting n_initial_points=6]
+     [--first-seed 0] [--experiment FILE] [--setting n_initial_points=6]
 """
 from __future__ import annotations
 
@@ -158,6 +161,18 @@ def random_trials(seed: int, scores: dict, target: float, budget: int) -> int:
     return budget + 1
 
 
+def random_quantile(q: float, hits: int, points: int, budget: int) -> int:
+    """The exact q-quantile of random_trials: draws with replacement are geometric, P(N > n) = (1 - hits/points)^n.
+
+    It has no sampling noise, unlike the median of --random-seeds searches, so the ratio to it is the steadier one.
+    """
+    miss = 1 - hits / points
+    for n in range(1, budget + 1):
+        if 1 - miss ** n >= q:
+            return n
+    return budget + 1
+
+
 def spread(counts: list[int], budget: int) -> str:
     q = statistics.quantiles(counts, n=4)
     failed = sum(c > budget for c in counts)
@@ -170,6 +185,8 @@ def main() -> int:
     parser.add_argument("--points", type=int, default=4, help="grid values per tension (points**3 training runs)")
     parser.add_argument("--bo-seeds", type=int, default=15, help="Bayesian searches (random_state 0..N-1), >= 5")
     parser.add_argument("--random-seeds", type=int, default=201, help="random searches, >= 5")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="first seed of both searches (a fresh set confirms a choice made on 0..N-1), >= 0")
     parser.add_argument("--budget", type=int, default=0, help="trials per search (default: the grid size)")
     parser.add_argument("--experiment", default=str(ROOT / "katib" / "base" / "experiment.yaml"),
                         help="the Experiment whose space, encoding, settings and parallelTrialCount are searched")
@@ -181,8 +198,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="trainer seed (the same for every point)")
     parser.add_argument("--jobs", type=int, default=1, help="training runs at once")
     args = parser.parse_args()
-    if min(args.bo_seeds, args.random_seeds) < 5 or args.points < 2:
-        parser.error("--bo-seeds and --random-seeds must be >= 5 and --points >= 2")
+    if min(args.bo_seeds, args.random_seeds) < 5 or args.points < 2 or args.first_seed < 0:
+        parser.error("--bo-seeds and --random-seeds must be >= 5, --points >= 2 and --first-seed >= 0")
 
     experiment = read_experiment(args.experiment)
     for item in args.setting:
@@ -193,20 +210,28 @@ def main() -> int:
     target = 0.95 * best
     budget = args.budget or len(scores)
     ordered = sorted(scores.values())
+    hits = sum(s >= target for s in ordered)
     print(f"\ngrid best {experiment.objective.metric}={best:.4f} at {dict(zip(TENSIONS, best_point))}")
     print(f"grid min {ordered[0]:.4f}, median {statistics.median(ordered):.4f}; target (95% of best) {target:.4f}; "
-          f"{sum(s >= target for s in ordered)}/{len(ordered)} points reach it")
+          f"{hits}/{len(ordered)} points reach it")
 
-    bo = [bayesian_trials(experiment, seed, scores, target, budget) for seed in range(args.bo_seeds)]
-    rnd = [random_trials(seed, scores, target, budget) for seed in range(args.random_seeds)]
+    bo_seeds = range(args.first_seed, args.first_seed + args.bo_seeds)
+    bo = [bayesian_trials(experiment, seed, scores, target, budget) for seed in bo_seeds]
+    rnd = [random_trials(seed, scores, target, budget)
+           for seed in range(args.first_seed, args.first_seed + args.random_seeds)]
     print(f"\n| search | seeds | trials to 95% of grid best: min / q1 / median / q3 / max (budget {budget}) |")
     print("|---|---|---|")
     print(f"| Katib {experiment.algorithm} | {len(bo)} | {spread(bo, budget)} |")
     print(f"| random over the grid | {len(rnd)} | {spread(rnd, budget)} |")
     ratio = statistics.median(bo) / statistics.median(rnd)
+    exact = [random_quantile(q, hits, len(ordered), budget) for q in (0.25, 0.5, 0.75)]
+    print(f"random over the grid, exact distribution ({hits}/{len(ordered)} points at target): "
+          f"q1 / median / q3 = {exact[0]} / {exact[1]} / {exact[2]}; "
+          f"ratio Bayesian / exact random median: {statistics.median(bo) / exact[1]:.2f}")
     shown = ", ".join(f"{k}={v}" for k, v in experiment.settings.items() if k != "random_state")
     print(f"\nratio Bayesian / random (medians): {ratio:.2f} (goal <= 0.5); {shown}; "
-          f"parallelTrialCount={experiment.parallel}; per-seed Bayesian: {bo}")
+          f"parallelTrialCount={experiment.parallel}; per-seed Bayesian (random_state {bo_seeds.start}.."
+          f"{bo_seeds.stop - 1}): {bo}")
     return 0
 
 
