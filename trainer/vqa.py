@@ -271,8 +271,8 @@ def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance", fr
     read), for ARR-COC's selection lod_full and lod_coarse (mean regions read at full detail and coarse), and
     eval_loss over the first eval_size examples. Each rank scores its shard with the same number of batches (a
     sharded model's forward is a collective; a rank out of examples scores a stand-in batch with weight 0) and
-    the sums are all-reduced: one host sync per evaluation besides each batch's generated tokens. Random
-    selection draws from a generator seeded by (cfg.seed, the batch's first example)."""
+    the sums are all-reduced: one host sync per evaluation besides each batch's generated tokens (read to score the
+    answers). Random selection draws from a generator seeded by (cfg.seed, the batch's first example)."""
     from .evaluation import shard
 
     was_training = model.training
@@ -280,7 +280,10 @@ def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance", fr
     count = min(cfg.eval_size, len(source))
     mine = shard(count, world)
     batches = math.ceil(math.ceil(count / world.world_size) / cfg.batch_size)
-    totals = torch.zeros(len(_SUMS), dtype=torch.float64)
+    # Host-side sums (answers are strings, token counts are shapes) and device-side sums (loss, regions, relevance),
+    # so that the device is read once per evaluation, not once per image.
+    host = torch.zeros(len(_SUMS), dtype=torch.float64)
+    device = torch.zeros(len(_SUMS), dtype=torch.float64, device=model.device)
     for chunk in np.array_split(mine, batches):
         weight = 1.0 if len(chunk) else 0.0
         chunk = chunk if len(chunk) else np.zeros(1, dtype=np.int64)
@@ -288,25 +291,24 @@ def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance", fr
         seed = int(np.random.SeedSequence([cfg.seed, int(chunk[0])]).generate_state(1)[0])
         answers, seq = model.generate(batch, selection, fraction, torch.Generator().manual_seed(seed))
         loss = model(batch, selection=selection, fraction=fraction, generator=torch.Generator().manual_seed(seed))
-        sums = torch.zeros(len(_SUMS), dtype=torch.float64)
-        sums[4] = float(loss["lm_loss"]) * len(answers)
+        device[4] += weight * len(answers) * loss["lm_loss"].detach().double()
         for i, predicted in enumerate(answers):
-            sums[0] += soft_accuracy(predicted, batch["answers"][i])
+            host[0] += weight * soft_accuracy(predicted, batch["answers"][i])
             reading = seq["readings"][i]
-            sums[3] += reading.count
+            host[3] += weight * reading.count
             if reading.full is not None:
-                sums[5] += float(reading.full)
-                sums[6] += float(reading.coarse)
+                device[5] += weight * reading.full
+                device[6] += weight * reading.coarse
             truth = batch["truth"][i]
             if truth is not None:
+                truth = truth.to(model.device, non_blocking=True)
                 truth = truth / truth.sum().clamp_min(1e-8)
-                sums[1] += float(torch.minimum(reading.share(len(truth)).cpu(), truth).sum())
-                sums[2] += 1
-        totals += weight * sums
+                device[1] += weight * torch.minimum(reading.share(len(truth)), truth).sum()
+                host[2] += weight
+    totals = host.to(model.device) + device
     if world.distributed:
-        totals = totals.to(world.device)
         dist.all_reduce(totals)
-        totals = totals.cpu()
+    totals = totals.cpu()
     model.train(was_training)
     accuracy, relevance, boxed, tokens, loss, full, coarse = totals.tolist()
     metrics = {"vqa_accuracy": accuracy / count}
