@@ -23,7 +23,7 @@ Choosing the best of several settings on the same seeds flatters it; --first-see
 set (Bayesian random_state and random-search seeds both start there).
 
 Run: .venv/bin/python bench/katib_bo_vs_random.py [--points 4] [--bo-seeds 15] [--random-seeds 201]
-     [--first-seed 0] [--experiment FILE] [--setting n_initial_points=6]
+     [--first-seed 0] [--experiment FILE] [--setting n_initial_points=6] [--cache FILE]
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def train(point: tuple[float, ...], flags: list[str], objective) -> dict:
 
 def evaluate_grid(args: argparse.Namespace, objective) -> dict[tuple[float, ...], float]:
     flags = trainer_flags(args)
-    cache_path = ROOT / "runs" / "bench" / "katib_cache.json"
+    cache_path = Path(args.cache)
     cache = load_cache(cache_path)
     points = list(itertools.product(grid_values(args.points), repeat=3))
     missing = [p for p in points if key(p, flags) not in cache]
@@ -196,6 +196,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="trainer seed (the same for every point)")
+    parser.add_argument("--cache", default=str(ROOT / "runs" / "bench" / "katib_cache.json"),
+                        help="the grid's scores; keyed by tensions and flags, not by the trainer's code: after a "
+                             "trainer change, name a new file")
     parser.add_argument("--jobs", type=int, default=1, help="training runs at once")
     args = parser.parse_args()
     if min(args.bo_seeds, args.random_seeds) < 5 or args.points < 2 or args.first_seed < 0:
