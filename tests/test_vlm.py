@@ -311,7 +311,6 @@ def _train(world, out, *extra, steps=4):
     return run_trainer(*_args(world, out, steps), *extra)
 
 
-@pytest.mark.slow  # three trainer processes; the synthetic path's twin of this test runs in make test
 def test_training_reports_vqa_lines_and_resumes_exactly_after_sigterm(world, tmp_path):
     straight = tmp_path / "straight"
     result = _train(world, straight)
@@ -332,7 +331,6 @@ def test_training_reports_vqa_lines_and_resumes_exactly_after_sigterm(world, tmp
     assert read_metrics(interrupted) == read_metrics(straight)
 
 
-@pytest.mark.slow  # two trainer processes; the synthetic path's twins of these runs are tested in make test
 @pytest.mark.parametrize("family, strategy, precision", [("qwen2_5_vl", "ddp", "fp32"), ("qwen2_vl", "fsdp", "bf16")])
 def test_two_processes_with_the_operator_env(world, tmp_path, family, strategy, precision):
     """What the Training Operator injects for one process per pod (no LOCAL_RANK), on the Qwen-VL path: DDP, and
