@@ -11,7 +11,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from trainer_helpers import FAST, REPO, clean_env, free_port, read_metrics, run_trainer, trainer_cmd
+from trainer_helpers import (
+    FAST,
+    REPO,
+    assert_bf16_base_and_fp32_trainables,
+    assert_fp32_optimizer_state,
+    attention_runs_per_layer,
+    clean_env,
+    free_port,
+    read_metrics,
+    run_trainer,
+    trainer_cmd,
+)
 
 from trainer import data
 from trainer.config import TrainConfig
@@ -54,16 +65,12 @@ def test_bf16_keeps_the_base_in_bf16_and_every_trainable_weight_and_optimizer_st
     cfg = TrainConfig(batch_size=4, precision="bf16")
     torch.manual_seed(0)
     model = ArrCoc(cfg)
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
-    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert_bf16_base_and_fp32_trainables(model)
     engine, optimizer, scheduler = build_optimization(model, cfg, World())
     batch = {k: torch.from_numpy(v) for k, v in data.generate(0, 0, 4).items()}
     loss = train_step(engine, model, optimizer, scheduler, [batch], [model.training_noise(batch, None)], cfg)
     assert torch.isfinite(loss)
-    moments = [t for s in optimizer.state_dict()["state"].values() for k, t in s.items() if k != "step"]
-    assert moments and all(t.dtype == torch.float32 for t in moments)
+    assert_fp32_optimizer_state(optimizer)
 
 
 def test_grad_accumulation_matches_one_large_batch():
@@ -92,16 +99,10 @@ def test_activation_checkpointing_recomputes_the_decoder_layers_and_takes_the_sa
         cfg = TrainConfig(batch_size=4, exploit_vs_explore=1.0, activation_checkpointing=checkpointing)
         torch.manual_seed(0)
         model = ArrCoc(cfg)
-        layers = model.base.model.layers
-        count = [0]
-        # transformers checkpoints a layer's forward (its own hooks run once) and the recompute stops once the
-        # last saved tensor is back (torch's early stop), so count the attention block, the layer's first part
-        for layer in layers:
-            layer.self_attn.register_forward_hook(lambda *_, count=count: count.__setitem__(0, count[0] + 1))
         model.train()
         engine, optimizer, scheduler = build_optimization(model, cfg, World())
-        train_step(engine, model, optimizer, scheduler, [batch], [None], cfg)
-        calls.append(count[0] / len(layers))
+        calls.append(attention_runs_per_layer(model.base.model.layers, train_step, engine, model, optimizer,
+                                              scheduler, [batch], [None], cfg))
         finals.append(model.trainable_state())
     assert calls == [1.0, 2.0]
     for name, value in finals[0].items():

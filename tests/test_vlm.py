@@ -11,7 +11,18 @@ import subprocess
 
 import pytest
 import torch
-from trainer_helpers import REPO, clean_env, free_port, read_metrics, run_trainer, sigterm_after_first_eval, trainer_cmd
+from trainer_helpers import (
+    REPO,
+    assert_bf16_base_and_fp32_trainables,
+    assert_fp32_optimizer_state,
+    attention_runs_per_layer,
+    clean_env,
+    free_port,
+    read_metrics,
+    run_trainer,
+    sigterm_after_first_eval,
+    trainer_cmd,
+)
 
 from trainer.config import TrainConfig
 from trainer.tiny_vlm import FAMILIES, build_tiny_vlm
@@ -243,38 +254,32 @@ def test_bf16_keeps_the_vlm_base_in_bf16_and_trains_fp32_weights(world):
     cfg = cfg_for(world, precision="bf16")
     torch.manual_seed(0)
     model = ArrCocVLM(cfg)
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
-    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert_bf16_base_and_fp32_trainables(model)
     engine, optimizer, scheduler = build_optimization(model, cfg, World())
     batch = VqaSource(cfg.train_data, model.collate, cfg.max_bad_fraction).batch(range(4))
     noise = model.training_noise(batch, torch.Generator().manual_seed(0))
     assert noise.shape == (4, 16)  # one per 2x2 region of the 8x8 merged-token grid
     loss = train_step(engine, model, optimizer, scheduler, [batch], [noise], cfg)
     assert torch.isfinite(loss)
-    moments = [t for s in optimizer.state_dict()["state"].values() for k, t in s.items() if k != "step"]
-    assert moments and all(t.dtype == torch.float32 for t in moments)
+    assert_fp32_optimizer_state(optimizer)
     answers, _ = model.generate(batch)  # the greedy decoding under autocast
     assert len(answers) == 4
 
 
+def _loss_backward(model, batch) -> None:
+    model(batch)["loss"].backward()
+
+
 def test_activation_checkpointing_recomputes_the_vlm_decoder_layers(world):
     """--activation-checkpointing on a Qwen-VL: its language model's decoder layers run again in the backward
-    pass (the attention block is counted: transformers checkpoints a layer's forward, so the layer's own hooks
-    run once, and torch stops the recompute once the last saved tensor is back)."""
+    pass."""
     calls = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = ArrCocVLM(cfg_for(world, activation_checkpointing=checkpointing))
         model.train()
-        layers = model.base.model.language_model.layers
-        count = [0]
-        for layer in layers:
-            layer.self_attn.register_forward_hook(lambda *_, count=count: count.__setitem__(0, count[0] + 1))
         batch = VqaSource(model.cfg.train_data, model.collate, model.cfg.max_bad_fraction).batch(range(4))
-        model(batch)["loss"].backward()
-        calls.append(count[0] / len(layers))
+        calls.append(attention_runs_per_layer(model.base.model.language_model.layers, _loss_backward, model, batch))
     assert calls == [1.0, 2.0]
 
 

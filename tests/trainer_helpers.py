@@ -1,4 +1,5 @@
-"""Run the trainer the way a PyTorchJob container does: `python -m trainer` in a subprocess."""
+"""Run the trainer the way a PyTorchJob container does (`python -m trainer` in a subprocess), and the checks on
+a model that both the synthetic and the Qwen-VL tests make."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--batch-size", "16", "--eval-size", "64", "--eval-every", "10", "--checkpoint-every", "10"]
@@ -55,3 +58,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def assert_bf16_base_and_fp32_trainables(model: torch.nn.Module) -> None:
+    """--precision bf16: the frozen base is stored in bf16, every trainable weight stays fp32."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+
+
+def assert_fp32_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    moments = [t for s in optimizer.state_dict()["state"].values() for k, t in s.items() if k != "step"]
+    assert moments and all(t.dtype == torch.float32 for t in moments)
+
+
+def attention_runs_per_layer(layers, step, *args) -> float:
+    """How many times each decoder layer's attention block runs during step(*args) (forward and backward).
+    transformers checkpoints a layer's forward (the layer's own hooks run once) and torch stops the recompute once
+    the last saved tensor is back (its early stop), so the attention block, a layer's first part, is counted."""
+    count = [0]
+    handles = [layer.self_attn.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+               for layer in layers]
+    try:
+        step(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return count[0] / len(layers)
