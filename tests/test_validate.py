@@ -398,3 +398,32 @@ def test_a_step_mounting_the_bucket_without_the_sidecar_annotations_is_caught(sc
     assert len(findings) == 1, findings
     assert f'KfpExecutorPod//exec-prepare-data-2: podMetadata.annotations["{dropped}"]: must be' in findings[0]
     assert "GCS FUSE sidecar" in findings[0]
+
+
+def test_katib_suggestion_claim_counts_against_the_quota(schemas, team_vision) -> None:
+    """resumePolicy FromVolume makes Katib's suggestion controller create a claim <experiment>-<algorithm> in the
+    team's namespace (1Gi unless katib-config sizes it): the quota must hold it beside the team's own claims."""
+    docs = copy.deepcopy(team_vision + _fixture_docs())
+    experiment = _obj(docs, "Experiment")
+    hard = _obj(docs, "ResourceQuota")["spec"]["hard"]
+    own = [d.name for d in docs if d.kind == "PersistentVolumeClaim"]
+    hard["persistentvolumeclaims"] = str(len(own))
+
+    def claim_findings() -> list[str]:
+        return [str(f) for f in check(docs, schemas) if "the claims of team-vision" in f.message]
+
+    assert claim_findings() == []  # resumePolicy Never (Katib's default): no claim
+    experiment["spec"]["resumePolicy"] = "FromVolume"
+    [finding] = claim_findings()
+    assert "sweep-bayesianoptimization" in finding and f"persistentvolumeclaims {len(own) + 1} > {len(own)}" in finding
+
+    hard["persistentvolumeclaims"] = str(len(own) + 1)
+    assert claim_findings() == []
+    katib_config = {"apiVersion": "config.kubeflow.org/v1beta1", "kind": "KatibConfig", "runtime": {"suggestions": [
+        {"algorithmName": "bayesianoptimization", "image": "skopt:v0.19.0",
+         "persistentVolumeClaimSpec": {"resources": {"requests": {"storage": "500Gi"}}}}]}}
+    docs.append(Doc("katib", {"apiVersion": "v1", "kind": "ConfigMap",
+                              "metadata": {"name": "katib-config", "namespace": "kubeflow"},
+                              "data": {"katib-config.yaml": yaml.safe_dump(katib_config)}}))
+    [finding] = claim_findings()
+    assert "requests.storage" in finding and "> 1200Gi" in finding

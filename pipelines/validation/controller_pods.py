@@ -112,7 +112,8 @@ def kfp_pods(docs: list[Doc], compiled: Path, label: str, namespace: str) -> Ite
         yield _modelled(label, "KfpExecutorPod", namespace, executor), pod
 
 
-def _katib_config(docs: list[Doc]) -> dict | None:
+def katib_config(docs: list[Doc]) -> dict | None:
+    """The KatibConfig inside the rendered katib-config ConfigMap; None when the build has none."""
     data = _configmap(docs, "katib-config")
     return None if data is None else (yaml.safe_load(data.get("katib-config.yaml") or "") or {})
 
@@ -120,7 +121,7 @@ def _katib_config(docs: list[Doc]) -> dict | None:
 def katib_pods(docs: list[Doc]) -> Iterator[tuple[Doc, dict]]:
     """(modelled Doc, pod spec) for each Experiment's suggestion pod and its trial pod with the injected collector.
     Needs the rendered katib-config; without it nothing is modelled."""
-    config = _katib_config(docs)
+    config = katib_config(docs)
     if config is None:
         return
     runtime = config.get("runtime") or {}

@@ -5,8 +5,9 @@ that does not fit whole starts some replicas, which then hold their GPUs while t
 - every PyTorchJob in the namespace, and the pipeline's training job (team-config per replica, times the
   compiled pipeline's default replica count), fit the quota;
 - an Experiment's parallelTrialCount trials fit at once;
-- the namespace's claims (checkpoints, the data bucket's) fit requests.storage and persistentvolumeclaims: a claim
-  beyond them is refused when applied;
+- the namespace's claims (checkpoints, the data bucket's, and the one Katib's suggestion controller makes for each
+  Experiment with resumePolicy FromVolume) fit requests.storage and persistentvolumeclaims: a claim beyond them is
+  refused when applied (for Katib's: the suggestion never starts and the Experiment gets no trials);
 - a Kueue ClusterQueue for the namespace never admits more than the quota then lets in: its nominal quota plus
   what it may borrow from its cohort (unbounded when borrowingLimit is unset) stays within the ResourceQuota.
 """
@@ -21,10 +22,14 @@ import yaml
 from kubernetes.utils.quantity import parse_quantity
 
 from pipelines.jobs.team_config import TeamConfig, TeamConfigError
+from pipelines.validation.controller_pods import katib_config
 from pipelines.validation.findings import Doc, Finding
 from pipelines.validation.katib import substituted_trial_spec
 
 GPU = "nvidia.com/gpu"
+# Katib v0.19 pkg/apis/config/v1beta1/defaults.go DefaultSuggestionVolumeStorage: the suggestion's claim for an
+# Experiment with resumePolicy FromVolume, unless its algorithm's katib-config entry sets persistentVolumeClaimSpec.
+KATIB_SUGGESTION_STORAGE = "1Gi"
 # ResourceQuota key -> (requests or limits, resource); "pods" counts pods.
 QUOTA_FIELDS = {
     "requests.cpu": ("requests", "cpu"), "cpu": ("requests", "cpu"),
@@ -109,14 +114,38 @@ def check_quotas(docs: list[Doc], compiled: list[Path] = ()) -> Iterator[Finding
 
 
 def _check_claims(docs: list[Doc], namespace: str, quota: Doc, hard: Mapping) -> Iterator[Finding]:
-    claims = [d for d in docs if d.kind == "PersistentVolumeClaim" and d.namespace == namespace]
-    usage: Usage = Counter({"persistentvolumeclaims": Decimal(len(claims))})
-    for claim in claims:
-        requested = (((claim.obj.get("spec") or {}).get("resources") or {}).get("requests") or {}).get("storage")
-        usage["requests.storage"] += parse_quantity(str(requested or 0))
+    claims = {d.name: _storage(d.obj.get("spec") or {})
+              for d in docs if d.kind == "PersistentVolumeClaim" and d.namespace == namespace}
+    claims.update(_katib_suggestion_claims(docs, namespace))
+    usage: Usage = Counter({"persistentvolumeclaims": Decimal(len(claims)),
+                            "requests.storage": sum(claims.values(), Decimal(0))})
     if over := _over(usage, hard):
-        yield quota.finding(["spec", "hard"], f"the claims of {namespace} ({', '.join(c.name for c in claims)}) need "
+        yield quota.finding(["spec", "hard"], f"the claims of {namespace} ({', '.join(claims)}) need "
                                               f"more than it holds: {'; '.join(over)}")
+
+
+def _storage(claim_spec: Mapping) -> Decimal:
+    return parse_quantity(str(((claim_spec.get("resources") or {}).get("requests") or {}).get("storage") or 0))
+
+
+def _katib_suggestion_claims(docs: list[Doc], namespace: str) -> dict[str, Decimal]:
+    """The claim Katib's suggestion controller creates for each Experiment that resumes FromVolume.
+
+    Named as Katib names it (util.GetSuggestionPersistentVolumeClaimName: <suggestion>-<algorithm>; the
+    Suggestion has the Experiment's name), sized by the algorithm's katib-config entry when the build holds
+    katib-config, else Katib's default.
+    """
+    entries = {e.get("algorithmName"): e for e in ((katib_config(docs) or {}).get("runtime") or {}).get("suggestions")
+               or []}
+    claims = {}
+    for doc in docs:
+        spec = doc.obj.get("spec") or {}
+        if doc.kind != "Experiment" or doc.namespace != namespace or spec.get("resumePolicy") != "FromVolume":
+            continue
+        algorithm = (spec.get("algorithm") or {}).get("algorithmName") or ""
+        claim_spec = (entries.get(algorithm) or {}).get("persistentVolumeClaimSpec") or {}
+        claims[f"{doc.name}-{algorithm}"] = _storage(claim_spec) or parse_quantity(KATIB_SUGGESTION_STORAGE)
+    return claims
 
 
 def _fitting(per_trial: Usage, hard: Mapping[str, str]) -> int:
