@@ -160,13 +160,18 @@ def test_components_run_offline_in_the_trainer_image(fresh):
         assert container["resources"]["cpuRequest"] > 0 and container["resources"]["memoryRequest"] > 0, name
 
 
-def test_train_is_never_cached(fresh):
+def test_train_and_prepare_data_are_never_cached(fresh):
+    """train would skip its PyTorchJob; prepare-data would keep a dataset whose folder changed under the same name."""
     components = fresh[0]["components"]
-    trains = [t for c in components.values() for name, t in (c.get("dag") or {}).get("tasks", {}).items()
-              if name.startswith("train")]
-    assert len(trains) == 2
-    for task in trains:
-        assert task["cachingOptions"].get("enableCache") in (None, False)
+    for step in ("train", "prepare-data"):
+        tasks = [t for c in components.values() for name, t in (c.get("dag") or {}).get("tasks", {}).items()
+                 if name.removesuffix("-2") == step]
+        assert len(tasks) == 2, step
+        for task in tasks:
+            assert task["cachingOptions"].get("enableCache") in (None, False), step
+    evaluates = [t for c in components.values() for name, t in (c.get("dag") or {}).get("tasks", {}).items()
+                 if name.removesuffix("-2") == "evaluate"]
+    assert [t["cachingOptions"].get("enableCache") for t in evaluates] == [True, True]
     # its only input is the backend: a cached dataBucket would outlive a change of team-config
     bucket = fresh[0]["root"]["dag"]["tasks"]["team-data-bucket"]
     assert bucket["cachingOptions"].get("enableCache") in (None, False)

@@ -31,6 +31,7 @@ compile into the platform spec, the second YAML document; kfp.local ignores them
   kept on the team volume.
 - node selector kubernetes.io/arch=amd64 everywhere: the trainer image is built for amd64 only, and GKE
   clusters may have Arm node pools.
+- prepare-data is never cached: its source may be a folder whose files change under the same name.
 - prepare-data and evaluate tolerate spot nodes and retry: cheap, restartable steps. train must not sit on a
   spot node (node affinity: not spot): a preempted launcher would leave its PyTorchJob running unwatched.
 - an optional Secret hf-token (key token) as HF_TOKEN on evaluate, which rebuilds the base model when
@@ -101,6 +102,9 @@ def _train_and_register(p: dict[str, Any], data_bucket: bool) -> None:
     prep = prepare_data(source=p["source"], seed=p["seed"], train_size=p["train_size"], eval_size=p["eval_size"])
     _spot_tolerant(_common(prep, "prepare-data", "1", "2Gi", 3600))
     kubernetes.mount_pvc(prep, pvc_name=p["checkpoint_pvc"], mount_path=CHECKPOINT_MOUNT)
+    # KFP's cache key is the step's inputs, and a source that names a folder (on the bucket or the team volume)
+    # stays the same string when its files change: a cached prepare-data would train on the old data.
+    prep.set_caching_options(False)
 
     trained = train(
         train_data=prep.outputs["train_data"], eval_data=prep.outputs["eval_data"], backend=p["backend"],
