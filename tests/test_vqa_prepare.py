@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,6 +41,20 @@ def test_vqav2_folder_becomes_jsonl_the_trainer_reads(tmp_path):
     assert good[0]["answers"].count("2") == 7 and len(good[0]["answers"]) == 10
     assert good[0]["image"].endswith("COCO_train2014_000000000007.jpg")
     assert load_jsonl(tmp_path / "e", 0.0)[0][0]["image"].endswith("COCO_val2014_000000000007.jpg")
+
+
+def test_prepared_jsonl_still_finds_its_images_after_kfp_moves_it(tmp_path):
+    """KFP uploads an output dataset and downloads it elsewhere (another depth) for the next step."""
+    import shutil
+
+    _vqav2(tmp_path / "vqa", "train", "train2014")
+    _vqav2(tmp_path / "vqa", "eval", "val2014")
+    prepare(f"vqav2:{tmp_path / 'vqa'}", 0, 5, 5, tmp_path / "t", tmp_path / "e")
+    moved = shutil.copytree(tmp_path / "t", tmp_path / "minio" / "artifacts" / "run" / "prepare-data" / "train_data")
+    shutil.rmtree(tmp_path / "t")
+    good, bad = load_jsonl(moved, 0.0)
+    assert not bad and len(good) == 2
+    assert all(Path(g["image"]).is_file() for g in good)
 
 
 def test_gqa_folder_with_scene_graph_boxes(tmp_path):

@@ -132,7 +132,10 @@ def _write_vqa_jsonl(records: list[dict], split_dir: Path, out_dir: Path) -> Pat
     from trainer.files import write_text_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    prefix = Path(os.path.relpath(split_dir.resolve(), out_dir.resolve()))
+    # Absolute: KFP copies the dataset (object store, then the train step's staging) to directories of other
+    # depths, where a path relative to where it was written points elsewhere; the source folder itself (the
+    # team's bucket) is mounted at the same path in every step and replica. abspath, not resolve: keep /data.
+    prefix = Path(os.path.abspath(split_dir))
     lines = [json.dumps({**r, "image": str(prefix / r["image"])}) for r in records]
     return write_text_atomic(out_dir / VQA_FILE, "".join(line + "\n" for line in lines))
 
