@@ -118,20 +118,26 @@ def katib_config(docs: list[Doc]) -> dict | None:
     return None if data is None else (yaml.safe_load(data.get("katib-config.yaml") or "") or {})
 
 
+def suggestion_entry(config: dict, algorithm: str | None) -> dict | None:
+    """The katib-config runtime.suggestions entry Katib uses for `algorithm` (its image, container settings and
+    claim spec); None when the config has none."""
+    suggestions = (config.get("runtime") or {}).get("suggestions") or []
+    return next((s for s in suggestions if s.get("algorithmName") == algorithm), None)
+
+
 def katib_pods(docs: list[Doc]) -> Iterator[tuple[Doc, dict]]:
     """(modelled Doc, pod spec) for each Experiment's suggestion pod and its trial pod with the injected collector.
     Needs the rendered katib-config; without it nothing is modelled."""
     config = katib_config(docs)
     if config is None:
         return
-    runtime = config.get("runtime") or {}
     inject = bool(((config.get("init") or {}).get("controller") or {}).get("injectSecurityContext"))
     for doc in docs:
         if doc.kind != "Experiment":
             continue
         spec = doc.obj.get("spec") or {}
         algorithm = (spec.get("algorithm") or {}).get("algorithmName")
-        entry = next((s for s in runtime.get("suggestions") or [] if s.get("algorithmName") == algorithm), None)
+        entry = suggestion_entry(config, algorithm)
         if entry is not None:
             container = {k: v for k, v in entry.items()
                          if k not in ("algorithmName", "serviceAccountName", "volumeMountPath",

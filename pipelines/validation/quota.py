@@ -22,7 +22,7 @@ import yaml
 from kubernetes.utils.quantity import parse_quantity
 
 from pipelines.jobs.team_config import TeamConfig, TeamConfigError
-from pipelines.validation.controller_pods import katib_config
+from pipelines.validation.controller_pods import katib_config, suggestion_entry
 from pipelines.validation.findings import Doc, Finding
 from pipelines.validation.katib import substituted_trial_spec
 
@@ -135,15 +135,14 @@ def _katib_suggestion_claims(docs: list[Doc], namespace: str) -> dict[str, Decim
     Suggestion has the Experiment's name), sized by the algorithm's katib-config entry when the build holds
     katib-config, else Katib's default.
     """
-    entries = {e.get("algorithmName"): e for e in ((katib_config(docs) or {}).get("runtime") or {}).get("suggestions")
-               or []}
+    config = katib_config(docs) or {}
     claims = {}
     for doc in docs:
         spec = doc.obj.get("spec") or {}
         if doc.kind != "Experiment" or doc.namespace != namespace or spec.get("resumePolicy") != "FromVolume":
             continue
         algorithm = (spec.get("algorithm") or {}).get("algorithmName") or ""
-        claim_spec = (entries.get(algorithm) or {}).get("persistentVolumeClaimSpec") or {}
+        claim_spec = (suggestion_entry(config, algorithm) or {}).get("persistentVolumeClaimSpec") or {}
         claims[f"{doc.name}-{algorithm}"] = _storage(claim_spec) or parse_quantity(KATIB_SUGGESTION_STORAGE)
     return claims
 
