@@ -12,14 +12,17 @@ upstream source each model follows).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipelines.validation import controller_pods, invariants, reachability
+from pipelines.validation import controller_pods, invariants, login, reachability, upstream_changes
 from pipelines.validation.findings import Doc
 from pipelines.validation.netpol import Endpoint, connection
 from pipelines.validation.podsecurity import check_restricted
@@ -32,8 +35,9 @@ MIRRORS = {"kubeflow-manifests.git": "https://github.com/kubeflow/manifests",
 PIPELINE = COMPILED / "arrcoc_train.yaml"
 
 
-@pytest.fixture(scope="module")
-def platform() -> tuple[list[Doc], list]:
+@contextlib.contextmanager
+def _mirrors() -> Iterator[None]:
+    """git's url.<base>.insteadOf pointing the remote refs at the pinned mirrors, for this block only."""
     if not UPSTREAM.is_dir():
         pytest.skip(f"{UPSTREAM} (pinned mirrors of the remote refs) is absent: with network access, run "
                     f"`arrcoc validate --platform` instead")
@@ -44,13 +48,19 @@ def platform() -> tuple[list[Doc], list]:
         os.environ[f"GIT_CONFIG_KEY_{i}"] = f"url.file://{UPSTREAM / mirror}.insteadOf"
         os.environ[f"GIT_CONFIG_VALUE_{i}"] = url
     try:
-        loaded, findings = validate([], SchemaSet(crd_dir()), platform=True)
+        yield
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def platform() -> tuple[list[Doc], list]:
+    with _mirrors():
+        loaded, findings = validate([], SchemaSet(crd_dir()), platform=True)
     return loaded.docs, findings
 
 
@@ -184,3 +194,71 @@ def test_kfp_runs_the_bucket_steps_as_the_workload_identity_account(platform) ->
     assert sorted(f.split(": ")[1] for f in found) == ["KfpExecutorPod//exec-evaluate-2",
                                                        "KfpExecutorPod//exec-prepare-data-2"]
     assert all("'pipeline-runner'" in f and "Workload Identity" in f for f in found)
+
+
+def test_login_chain_agrees_on_the_public_dex_issuer(platform) -> None:
+    """Dex's issuer is the public URL, its Google connector's callback is that + /callback, oauth2-proxy and the
+    dex-jwt RequestAuthentication check tokens against it, and Dex gets every variable its config reads."""
+    docs, _ = platform
+    issuer = login.dex_issuer(docs)
+    assert issuer == "https://kubeflow.example.com/dex"
+    assert login.oauth2_proxy_issuer(docs) == issuer
+    dex_jwt = _get(docs, "RequestAuthentication", "dex-jwt", "istio-system").obj["spec"]["jwtRules"][0]
+    assert (dex_jwt["issuer"], dex_jwt["jwksUri"]) == (issuer, "http://dex.auth.svc.cluster.local:5556/dex/keys")
+    env_from = _get(docs, "Deployment", "dex", "auth").obj["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    assert [e["secretRef"]["name"] for e in env_from] == ["dex-oidc-client", "dex-passwords", "dex-google-connector"]
+    assert list(login.check_login(docs)) == []
+
+
+def _edited(docs: list[Doc], kind: str, name: str, edit) -> list[Doc]:
+    docs = copy.deepcopy(docs)
+    edit(next(d for d in docs if d.kind == kind and (d.name == name or d.name.startswith(name + "-"))).obj)
+    return docs
+
+
+@pytest.mark.parametrize(("kind", "name", "edit", "expected"), [
+    ("ConfigMap", "dex", lambda o: o["data"].update({"config.yaml": o["data"]["config.yaml"].replace(
+        "issuer: https://kubeflow.example.com/dex", "issuer: http://dex.auth.svc.cluster.local:5556/dex")}),
+     ["must be Kubeflow's public https URL", "must be the issuer + /callback", "oauth2-proxy checks ID tokens against",
+      "no RequestAuthentication trusts", "differs from Dex's issuer"]),
+    ("Deployment", "oauth2-proxy", lambda o: o["spec"]["template"]["spec"]["containers"][0].update(
+        env=[e for e in o["spec"]["template"]["spec"]["containers"][0]["env"]
+             if e["name"] != login.OAUTH2_PROXY_ISSUER_ENV]),
+     ["oauth2-proxy checks ID tokens against 'http://dex.auth.svc.cluster.local:5556/dex'"]),
+    # the day-one bug: a strategic-merge patch replaced upstream's envFrom
+    ("Deployment", "dex", lambda o: o["spec"]["template"]["spec"]["containers"][0].update(
+        envFrom=[{"secretRef": {"name": "dex-google-connector"}}]),
+     ["nothing gives Dex $OIDC_CLIENT_ID", "nothing gives Dex $OIDC_CLIENT_SECRET"]),
+])
+def test_login_check_names_each_broken_link(platform, kind, name, edit, expected) -> None:
+    found = [str(f) for f in login.check_login(_edited(platform[0], kind, name, edit))]
+    assert len(found) == len(expected) and all(e in f for e, f in zip(expected, found, strict=True)), found
+
+
+def test_every_upstream_field_our_patches_change_is_declared(platform) -> None:
+    docs, findings = platform
+    assert not [f for f in findings if f.kind == "UpstreamChanges"]
+    declared = upstream_changes.declared(REPO / "manifests" / "kubeflow" / upstream_changes.DECLARATIONS)
+    paths = {e["path"] for e in declared if e["object"] == "ConfigMap/auth/dex"}
+    assert {'data["config.yaml"].issuer', 'data["config.yaml"].staticPasswords'} <= paths
+
+
+def test_a_strategic_merge_patch_that_replaces_envfrom_is_refused(tmp_path: Path) -> None:
+    """The day-one Dex patch, reintroduced in a copy of manifests/kubeflow/auth: rendered against its upstream
+    alone, the replaced and dropped envFrom entries are reported as undeclared changes."""
+    auth = tmp_path / "auth"
+    shutil.copytree(REPO / "manifests" / "kubeflow" / "auth", auth)
+    kustomization = yaml.safe_load((auth / "kustomization.yaml").read_text())
+    kustomization["patches"] = [p for p in kustomization["patches"] if "dex-google-connector" not in str(p)]
+    kustomization["patches"].append({"patch": yaml.safe_dump({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "dex", "namespace": "auth"},
+        "spec": {"template": {"spec": {"containers": [
+            {"name": "dex", "envFrom": [{"secretRef": {"name": "dex-google-connector"}}]}]}}}})})
+    (auth / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    with _mirrors():
+        found = [str(f) for f in upstream_changes.check(
+            REPO / "manifests" / "kubeflow" / upstream_changes.DECLARATIONS, "auth",
+            upstream_changes.render(auth), upstream_changes.render_upstream(auth)) if f.path == "(undeclared)"]
+    assert len(found) == 2, found
+    assert "containers[name=dex].envFrom[0].secretRef.name: replaced: upstream \"dex-oidc-client\"" in found[0]
+    assert "containers[name=dex].envFrom[1]: removed: upstream {\"secretRef.name\": \"dex-passwords\"}" in found[1]
