@@ -86,6 +86,25 @@ def test_katib_trials_schedule_as_the_teams_jobs(overlays, team: str) -> None:
         assert (pod["nodeSelector"].get("cloud.google.com/gke-spot") == "true") == (config.capacity == "spot")
 
 
+@pytest.mark.parametrize("team", ["team-vision", "team-research"])
+def test_checkpoint_share_is_given_to_the_pods_group_once(overlays, team: str) -> None:
+    """The Job that makes a new share writable for the uid KFP steps run as (they have no fsGroup): it mounts the
+    team's checkpoint claim with fsGroup = that uid, applied only on a root mismatch, and runs the image and uid
+    the steps and replicas use."""
+    from pipelines.jobs.pytorchjob import DEFAULT_IMAGE, FS_GROUP_CHANGE_POLICY
+
+    docs = overlays[team]
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    pod = job["spec"]["template"]["spec"]
+    security = pod["securityContext"]
+    assert (security["fsGroup"], security["runAsUser"], security["runAsGroup"]) == (RUN_AS_USER,) * 3
+    assert security["fsGroupChangePolicy"] == FS_GROUP_CHANGE_POLICY == "OnRootMismatch"
+    assert [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]] == [_team_config(docs)["checkpointPVC"]]
+    assert pod["containers"][0]["image"] == DEFAULT_IMAGE
+    assert job["spec"]["template"]["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0  # a finished Job goes, so a later apply can run a new one
+
+
 def test_yamllint_passes_on_all_yaml_we_own() -> None:
     targets = [p for p in ("manifests", "kustomize", "katib", "pipelines", ".github") if (REPO / p).exists()]
     result = subprocess.run(

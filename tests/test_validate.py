@@ -207,6 +207,14 @@ CASES = [
     ("double from 0 under bayesianoptimization",
      _edit(lambda d: _obj(d, "Experiment")["spec"]["parameters"][0]["feasibleSpace"].update(min="0")),
      "Experiment/team-vision/sweep", "spec.parameters[0].feasibleSpace.min", "log-uniform"),
+    ("fsGroup on the checkpoint claim re-chowned at every start",
+     _edit(lambda d: _job_pod(d)["securityContext"].update(fsGroup=1000)),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.template.spec.securityContext."
+     "fsGroupChangePolicy", "OnRootMismatch"),
+    ("ownership Job without OnRootMismatch",
+     _edit(lambda d: _obj(d, "Job", "checkpoints-owner")["spec"]["template"]["spec"]["securityContext"].pop(
+         "fsGroupChangePolicy")),
+     "Job/team-vision/checkpoints-owner", "spec.template.spec.securityContext.fsGroupChangePolicy", "every start"),
     ("undeclared trial parameter",
      _edit(lambda d: _trial_pod(d)["containers"][0]["command"].append("${trialParameters.momentum}")),
      "Experiment/team-vision/sweep", "spec.trialTemplate.trialSpec", "momentum"),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from pipelines.jobs.pytorchjob import FS_GROUP_CHANGE_POLICY as ON_ROOT_MISMATCH
 from pipelines.jobs.pytorchjob import GCSFUSE_DRIVER, WORKLOAD_IDENTITY_ACCOUNT
 from pipelines.jobs.rules import image_problem
 from pipelines.jobs.team_config import CONFIGMAP_NAME as TEAM_CONFIG
@@ -29,6 +30,13 @@ PROFILE_LABEL = ("app.kubernetes.io/part-of", "kubeflow-profile")
 
 
 def check_pod_spec(doc: Doc, path: list, spec: dict, images_only: bool = False) -> Iterator[Finding]:
+    security = spec.get("securityContext") or {}
+    claims = [v.get("name") for v in spec.get("volumes") or [] if "persistentVolumeClaim" in v]
+    if not images_only and claims and "fsGroup" in security and security.get("fsGroupChangePolicy") != ON_ROOT_MISMATCH:
+        yield doc.finding(path + ["securityContext", "fsGroupChangePolicy"],
+                          f"must be {ON_ROOT_MISMATCH} with fsGroup on a claim ({', '.join(map(str, claims))}): "
+                          "otherwise the kubelet re-chowns the whole volume at every start (the Filestore CSI driver "
+                          "declares fsGroupPolicy File), slower as checkpoints accumulate")
     for cpath, container in containers(spec):
         here = path + cpath
         image = container.get("image")
