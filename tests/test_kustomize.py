@@ -49,8 +49,14 @@ def test_teams_differ_in_capacity_gpu_and_quota(overlays) -> None:
     for team, docs in overlays.items():
         assert _team_config(docs)["team"] == team
         assert all(isinstance(v, str) for v in _team_config(docs).values())
-        binding = next(d for d in docs if d["kind"] == "RoleBinding")
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default-editor", "namespace": team}]
+        bindings = {d["metadata"]["name"]: d for d in docs if d["kind"] == "RoleBinding"}
+        assert bindings["arrcoc-training"]["subjects"] == [
+            {"kind": "ServiceAccount", "name": "default-editor", "namespace": team}]
+        # CI's account: the KFP API's verbs only (README step 3)
+        ci = {"kind": "ServiceAccount", "name": "ci", "namespace": team}
+        assert bindings["arrcoc-pipelines-ci"]["subjects"] == [ci]
+        assert bindings["arrcoc-pipelines-ci"]["roleRef"]["name"] == "arrcoc-pipelines-ci"
+        assert any(d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "ci" for d in docs)
         assert not any(d["kind"] == "CapacityScheduling" for d in docs), "local-config must not be emitted"
 
 

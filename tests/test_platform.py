@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -262,3 +263,30 @@ def test_a_strategic_merge_patch_that_replaces_envfrom_is_refused(tmp_path: Path
     assert len(found) == 2, found
     assert "containers[name=dex].envFrom[0].secretRef.name: replaced: upstream \"dex-oidc-client\"" in found[0]
     assert "containers[name=dex].envFrom[1]: removed: upstream {\"secretRef.name\": \"dex-passwords\"}" in found[1]
+
+
+# Where people are told to run commands: the README, docs/ and the Katib guide.
+GUIDES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "katib" / "README.md"]
+_NAMESPACE = re.compile(r"(?:kubectl\b[^`\n|]*?\s(?:-n|--namespace)[ =]|KFP_NAMESPACE=)([a-z0-9][a-z0-9-]*)")
+_TOKEN = re.compile(r"kubectl\s+-n\s+([a-z0-9][a-z0-9-]*)\s+create\s+token\s+(\S+)")
+# Namespaces made by an install that cannot be rendered from the pinned mirrors here.
+UNRENDERED = {"kueue-system": "manifests/kueue-install: Kueue's release manifest (network only)"}
+
+
+def test_every_account_and_namespace_the_guides_name_exists(platform) -> None:
+    """README step 3 once told CI to use a service account `ci` that nothing created: every namespace and every
+    `create token` account in the guides must be in the rendered install and overlays (or made by the profile
+    controller for a Profile: default-editor, default-viewer)."""
+    docs, _ = platform
+    namespaces = {d.name for d in docs if d.kind == "Namespace"} | {d.namespace for d in docs if d.namespace}
+    accounts = {(d.namespace, d.name) for d in docs if d.kind == "ServiceAccount"}
+    accounts |= {(d.name, a) for d in docs if d.kind == "Profile" for a in invariants.PROFILE_ACCOUNTS}
+    named, tokens = set(), set()
+    for guide in GUIDES:
+        text = guide.read_text()
+        named |= {(guide.name, n) for n in _NAMESPACE.findall(text)}
+        tokens |= {(guide.name, ns, sa) for ns, sa in _TOKEN.findall(text)}
+    assert {n for _, n in named} >= {"team-vision", "kubeflow", "auth"}  # the patterns still find what they should
+    assert {sa for _, _, sa in tokens} >= {"ci"}
+    assert [(g, n) for g, n in sorted(named) if n not in namespaces and n not in UNRENDERED] == []
+    assert [(g, ns, sa) for g, ns, sa in sorted(tokens) if (ns, sa) not in accounts] == []

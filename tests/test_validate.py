@@ -215,6 +215,9 @@ CASES = [
      _edit(lambda d: _obj(d, "Job", "checkpoints-owner")["spec"]["template"]["spec"]["securityContext"].pop(
          "fsGroupChangePolicy")),
      "Job/team-vision/checkpoints-owner", "spec.template.spec.securityContext.fsGroupChangePolicy", "every start"),
+    ("RoleBinding to an account nobody creates",
+     _edit(lambda d: _obj(d, "RoleBinding", "arrcoc-pipelines-ci")["subjects"][0].update(name="github-ci")),
+     "RoleBinding/team-vision/arrcoc-pipelines-ci", "subjects[0]", "team-vision/github-ci"),
     ("undeclared trial parameter",
      _edit(lambda d: _trial_pod(d)["containers"][0]["command"].append("${trialParameters.momentum}")),
      "Experiment/team-vision/sweep", "spec.trialTemplate.trialSpec", "momentum"),

@@ -27,6 +27,9 @@ TEAM_LABEL = "arrcoc.io/team"
 # katib-db-manager (common/kubeflow-namespace/base/kubeflow/*.yaml); the profile controller sets it only on a
 # namespace that does not already have the key.
 PROFILE_LABEL = ("app.kubernetes.io/part-of", "kubeflow-profile")
+# The service accounts Kubeflow's profile controller creates in every Profile's namespace (kubeflow/dashboard
+# components/profile-controller/controllers/profile_controller.go, Reconcile: default-editor, default-viewer).
+PROFILE_ACCOUNTS = ("default-editor", "default-viewer")
 
 
 def check_pod_spec(doc: Doc, path: list, spec: dict, images_only: bool = False) -> Iterator[Finding]:
@@ -150,6 +153,15 @@ def check_namespaces(docs: list[Doc]) -> Iterator[Finding]:
             if kind not in by_namespace[team]:
                 yield d.finding("(namespace)", f"team namespace {team} has no {kind} "
                                 "(every team namespace needs a ResourceQuota, a LimitRange and a NetworkPolicy)")
+    accounts = {(d.namespace, d.name) for d in docs if d.kind == "ServiceAccount"}
+    for d in docs:
+        if d.kind == "RoleBinding" and d.namespace in seen:
+            for i, subject in enumerate(d.obj.get("subjects") or []):
+                key = (subject.get("namespace") or d.namespace, subject.get("name"))
+                if (subject.get("kind") == "ServiceAccount" and key not in accounts
+                        and not (key[1] in PROFILE_ACCOUNTS and key[0] in owners)):
+                    yield d.finding(["subjects", i], f"service account {key[0]}/{key[1]} is neither in this build nor "
+                                    f"one the profile controller makes ({', '.join(PROFILE_ACCOUNTS)})")
     for d in docs:
         if d.kind == "ResourceQuota" and d.namespace in seen:
             hard = (d.obj.get("spec") or {}).get("hard") or {}
