@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.validation import controller_pods, invariants, login, reachability, upstream_changes
+from pipelines.validation import controller_pods, gke, invariants, login, reachability, upstream_changes
 from pipelines.validation.findings import Doc
 from pipelines.validation.netpol import Endpoint, connection
 from pipelines.validation.podsecurity import check_restricted
@@ -268,7 +268,7 @@ def test_a_strategic_merge_patch_that_replaces_envfrom_is_refused(tmp_path: Path
 # Where people are told to run commands: the README, docs/ and the Katib guide.
 GUIDES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "katib" / "README.md"]
 _NAMESPACE = re.compile(r"(?:kubectl\b[^`\n|]*?\s(?:-n|--namespace)[ =]|KFP_NAMESPACE=)([a-z0-9][a-z0-9-]*)")
-_TOKEN = re.compile(r"kubectl\s+-n\s+([a-z0-9][a-z0-9-]*)\s+create\s+token\s+(\S+)")
+_TOKEN = re.compile(r"kubectl\s+-n\s+([a-z0-9][a-z0-9-]*)\s+create\s+token\s+([^\s`]+)")
 # Namespaces made by an install that cannot be rendered from the pinned mirrors here.
 UNRENDERED = {"kueue-system": "manifests/kueue-install: Kueue's release manifest (network only)"}
 
@@ -290,3 +290,17 @@ def test_every_account_and_namespace_the_guides_name_exists(platform) -> None:
     assert {sa for _, _, sa in tokens} >= {"ci"}
     assert [(g, n) for g, n in sorted(named) if n not in namespaces and n not in UNRENDERED] == []
     assert [(g, ns, sa) for g, ns, sa in sorted(tokens) if (ns, sa) not in accounts] == []
+
+
+def test_the_control_plane_reaches_every_webhook_of_the_install(platform) -> None:
+    """A private cluster's control plane reaches nodes on 443 and 10250 only; the ports Kubeflow's webhooks listen
+    on, read from the rendered webhook configurations, Services and Deployments, are what manifests/gcp opens."""
+    docs, findings = platform
+    ports = gke._webhook_ports(docs)
+    assert {4443, 8443, 9443, 15017} <= set(ports)
+    assert not [f for f in findings if f.kind == "ContainerCluster"]
+    docs = copy.deepcopy(docs)
+    rule = _get(docs, "ComputeFirewall", "arrcoc-control-plane-to-webhooks").obj["spec"]["allow"][0]
+    rule["ports"] = [p for p in rule["ports"] if p != "15017"]
+    (found,) = [str(f) for f in gke.check_cloud(docs) if "firewall" in str(f)]
+    assert "15017 (istio-sidecar-injector (istio-system/istiod))" in found and "9443" not in found

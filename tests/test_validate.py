@@ -322,6 +322,7 @@ def test_crd_download_check_catches_a_changed_file(tmp_path: Path) -> None:
     from pipelines.validation import crds
 
     sums = crds.expected_sums()
+    assert {f.local for f in crds.FILES} == set(sums)  # every pinned file has its digest, and no digest is orphaned
     assert crds.verify(crd_dir()) == []
     name = "katib-v0.19.0/swagger.json"
     copy_dir = tmp_path / "crds"

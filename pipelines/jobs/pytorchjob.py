@@ -54,8 +54,9 @@ GCSFUSE_SIDECAR_LIMITS = {"gke-gcsfuse/cpu-limit": "500m", "gke-gcsfuse/memory-l
 # What every pod that mounts a bucket carries (the replicas here, the pipeline's prepare-data and evaluate steps):
 # GKE's webhook injects the sidecar only into pods annotated gke-gcsfuse/volumes: "true".
 GCSFUSE_POD_ANNOTATIONS = {"gke-gcsfuse/volumes": "true", **GCSFUSE_SIDECAR_LIMITS}
-# The sidecar reaches GCS as the pod's service account through Workload Identity; a Profile's Workload Identity
-# plugin binds a Google service account to default-editor only (not to default).
+# The sidecar reaches GCS as the pod's Kubernetes service account through Workload Identity Federation: the bucket
+# roles are granted to this account's principal in each team namespace (manifests/gcp/teams), and KFP multi-user
+# runs pipeline steps as it too.
 WORKLOAD_IDENTITY_ACCOUNT = "default-editor"
 TEAM_LABEL = "arrcoc.dev/team"
 RUN_ID_LABEL = "arrcoc.dev/run-id"

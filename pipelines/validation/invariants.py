@@ -69,7 +69,7 @@ def _parse_team_config(doc: Doc) -> tuple[TeamConfig | None, list[Finding]]:
         return None, [doc.finding(path, message)]
 
 
-def _tolerates(tolerations: list, taint: dict) -> bool:
+def tolerates(tolerations: list, taint: dict) -> bool:
     for t in tolerations or []:
         if t.get("effect") not in (None, "", taint.get("effect")):
             continue
@@ -98,7 +98,7 @@ def check_job_scheduling(doc: Doc, job: dict, prefix: list, configs: dict[str, T
         pod = ((replica or {}).get("template") or {}).get("spec") or {}
         here = prefix + ["spec", "pytorchReplicaSpecs", rtype, "template", "spec"]
         for taint in config.tolerations:
-            if not _tolerates(pod.get("tolerations") or [], taint):
+            if not tolerates(pod.get("tolerations") or [], taint):
                 yield doc.finding(
                     here + ["tolerations"],
                     f"does not tolerate {taint.get('key')}={taint.get('value', '')}:{taint.get('effect')} "
@@ -190,14 +190,14 @@ def _check_kueue_config(doc: Doc) -> Iterator[Finding]:
 
 # GKE injects the GCS FUSE sidecar into pods annotated gke-gcsfuse/volumes: "true". Without these annotations the
 # sidecar has no cpu or memory limit, which a ResourceQuota on limits.* refuses; and the sidecar authenticates with
-# the pod's service account through Workload Identity, which the Profile's plugin configures on default-editor.
+# the pod's service account through Workload Identity, whose bucket roles manifests/gcp grants to default-editor.
 GCSFUSE_LIMIT_ANNOTATIONS = ("gke-gcsfuse/cpu-limit", "gke-gcsfuse/memory-limit")
 
 
 def check_gcsfuse(doc: Doc, job: dict, prefix: list, quota_namespaces: dict[str, dict],
                   profile_namespaces: set[str]) -> Iterator[Finding]:
     """The sidecar's limits where a quota limits limits.*; the Workload Identity account in a Profile's namespace
-    (the only place the Profile's plugin configures it, so only checked where the Profile is in view)."""
+    (the account manifests/gcp grants bucket roles to; checked where the Profile is in view)."""
     namespace = (job.get("metadata") or {}).get("namespace") or doc.namespace
     hard = quota_namespaces.get(namespace, {})
     for rtype, replica in ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).items():
@@ -214,7 +214,8 @@ def check_gcsfuse(doc: Doc, job: dict, prefix: list, quota_namespaces: dict[str,
         account = (template.get("spec") or {}).get("serviceAccountName") or "default"
         if namespace in profile_namespaces and account != WORKLOAD_IDENTITY_ACCOUNT:
             yield doc.finding(here + ["spec", "serviceAccountName"], f"{account!r} has no Workload Identity: the GCS "
-                              f"FUSE sidecar needs {WORKLOAD_IDENTITY_ACCOUNT!r}, which the Profile configures")
+                              f"FUSE sidecar needs {WORKLOAD_IDENTITY_ACCOUNT!r}, which manifests/gcp grants the "
+                              f"bucket roles")
 
 
 def check_data_buckets(docs: list[Doc]) -> Iterator[Finding]:

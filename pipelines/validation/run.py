@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipelines.validation import (
     controller_pods,
+    gke,
     invariants,
     katib,
     login,
@@ -119,6 +120,7 @@ def check(docs: list[Doc], schemas: SchemaSet, compiled: list[Path] = ()) -> lis
     findings.extend(quota.check_quotas(docs, list(compiled)))
     findings.extend(reachability.check_reachability(docs))
     findings.extend(login.check_login(docs))
+    findings.extend(gke.check_cloud(docs))
     findings.extend(_controller_pod_findings(docs, compiled))
     return findings
 
