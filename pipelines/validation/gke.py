@@ -77,7 +77,7 @@ def allocatable(cpus: int, memory_mib: int) -> tuple[Decimal, Decimal]:
 class Pool:
     def __init__(self, doc: Doc) -> None:
         self.doc = doc
-        config = (doc.obj.get("spec") or {}).get("nodeConfig") or {}
+        self.config = config = (doc.obj.get("spec") or {}).get("nodeConfig") or {}
         self.machine = str(config.get("machineType") or "")
         self.accelerators = {str(a.get("type")): int(a.get("count") or 0) for a in config.get("guestAccelerator") or []}
         self.labels = {str(k): str(v) for k, v in (config.get("labels") or {}).items()}
@@ -287,11 +287,17 @@ def _check_webhook_firewall(docs: list[Doc]) -> Iterator[Finding]:
         if not needed:
             return  # the install is not rendered (arrcoc validate without --platform)
         source = (cluster.obj["spec"]["privateClusterConfig"]).get("masterIpv4CidrBlock")
+        accounts = {str(((Pool(p).config.get("serviceAccountRef")) or {}).get("name"))
+                    for p in docs if p.kind == "ContainerNodePool"}
         opened: set[int] = set()
         for doc in docs:
             spec = doc.obj.get("spec") or {}
             if doc.kind == "ComputeFirewall" and spec.get("direction", "INGRESS") == "INGRESS" \
                     and source in (spec.get("sourceRanges") or []):
+                targets = {str(t.get("name") or t.get("external")) for t in spec.get("targetServiceAccounts") or []}
+                if targets and not accounts <= targets:
+                    yield doc.finding(["spec", "targetServiceAccounts"], f"the node pools run as {sorted(accounts)}; "
+                                      f"this rule reaches only {sorted(targets)}")
                 for rule in spec.get("allow") or []:
                     if rule.get("protocol") in ("tcp", "all"):
                         opened.update(int(p) for p in rule.get("ports") or [] if str(p).isdigit())
