@@ -270,7 +270,8 @@ GUIDES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "kat
 _NAMESPACE = re.compile(r"(?:kubectl\b[^`\n|]*?\s(?:-n|--namespace)[ =]|KFP_NAMESPACE=)([a-z0-9][a-z0-9-]*)")
 _TOKEN = re.compile(r"kubectl\s+-n\s+([a-z0-9][a-z0-9-]*)\s+create\s+token\s+([^\s`]+)")
 # Namespaces made by an install that cannot be rendered from the pinned mirrors here.
-UNRENDERED = {"kueue-system": "manifests/kueue-install: Kueue's release manifest (network only)"}
+UNRENDERED = {"kueue-system": "manifests/kueue-install: Kueue's release manifest (network only)",
+              "config-control": "Config Controller's own namespace, where manifests/gcp is applied"}
 
 
 def test_every_account_and_namespace_the_guides_name_exists(platform) -> None:
@@ -304,3 +305,30 @@ def test_the_control_plane_reaches_every_webhook_of_the_install(platform) -> Non
     rule["ports"] = [p for p in rule["ports"] if p != "15017"]
     (found,) = [str(f) for f in gke.check_cloud(docs) if "firewall" in str(f)]
     assert "15017 (istio-sidecar-injector (istio-system/istiod))" in found and "9443" not in found
+
+
+def test_browsers_and_ci_reach_the_gateway_over_https_only(platform) -> None:
+    """Upstream isolates istio-system to its own pods; behind the load balancer the gateway takes its two serving
+    ports from anywhere, nothing else, and the TLS server uses the hand-made certificate Secret."""
+    docs, _ = platform
+    policies = [d.obj for d in docs if d.kind == "NetworkPolicy"]
+    gateway = Endpoint("istio-system", {}, {"app": "istio-ingressgateway", "istio": "ingressgateway"})
+    outside = Endpoint(ip="203.0.113.7")
+    assert connection(policies, outside, gateway, 8443).allowed and connection(policies, outside, gateway, 8080).allowed
+    assert not connection(policies, outside, gateway, 15021).allowed
+    without = [p for p in policies if p["metadata"]["name"] != "allow-outside-to-ingressgateway"]
+    assert not connection(without, outside, gateway, 8443).allowed  # upstream alone drops every visitor
+    assert _get(docs, "Service", "istio-ingressgateway", "istio-system").obj["spec"]["type"] == "LoadBalancer"
+    servers = _get(docs, "Gateway", "kubeflow-gateway", "kubeflow").obj["spec"]["servers"]
+    assert [s["port"]["number"] for s in servers] == [80, 443]
+    assert servers[0]["tls"] == {"httpsRedirect": True}
+    assert servers[1]["tls"] == {"mode": "SIMPLE", "credentialName": "kubeflow-tls"}
+
+
+def test_the_istio_version_the_docs_state_is_the_one_rendered(platform) -> None:
+    docs, _ = platform
+    images = {c["image"] for d in docs if d.kind == "Deployment"
+              for c in d.obj["spec"]["template"]["spec"]["containers"] if "istio-release" in c["image"]}
+    versions = {image.rsplit(":", 1)[1] for image in images}
+    stated = re.search(r"The Istio it installs is \*\*([\d.]+)\*\*", (REPO / "docs" / "platform.md").read_text())
+    assert stated and versions == {stated.group(1)}, (versions, stated)
