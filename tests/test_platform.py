@@ -332,3 +332,16 @@ def test_the_istio_version_the_docs_state_is_the_one_rendered(platform) -> None:
     versions = {image.rsplit(":", 1)[1] for image in images}
     stated = re.search(r"The Istio it installs is \*\*([\d.]+)\*\*", (REPO / "docs" / "platform.md").read_text())
     assert stated and versions == {stated.group(1)}, (versions, stated)
+
+
+def test_the_dex_secret_the_docs_create_holds_what_dex_reads() -> None:
+    """The keys of the hand-made Secret: what docs/platform.md's command creates, what login.py counts on, and the
+    variables Dex's connector reads that no rendered Secret gives (our dex-config.yaml)."""
+    text = (REPO / "docs" / "platform.md").read_text()
+    command = re.search(r"create secret generic dex-google-connector((?:\s+\\?\s*--from-literal=\w+=\S*)+)", text)
+    assert command, "docs/platform.md no longer creates the Secret dex-google-connector"
+    documented = set(re.findall(r"--from-literal=(\w+)=", command.group(1)))
+    config = yaml.safe_load(yaml.safe_load((REPO / "manifests" / "kubeflow" / "auth" / "dex-config.yaml").read_text())[
+        "data"]["config.yaml"])
+    read = set(login._vars(config["connectors"]))
+    assert documented == set(login.HAND_MADE_SECRETS[("auth", "dex-google-connector")]) == read
