@@ -343,5 +343,5 @@ def test_the_dex_secret_the_docs_create_holds_what_dex_reads() -> None:
     documented = set(re.findall(r"--from-literal=(\w+)=", command.group(1)))
     config = yaml.safe_load(yaml.safe_load((REPO / "manifests" / "kubeflow" / "auth" / "dex-config.yaml").read_text())[
         "data"]["config.yaml"])
-    read = set(login._vars(config["connectors"]))
+    read = set(login.env_variables(config["connectors"]))
     assert documented == set(login.HAND_MADE_SECRETS[("auth", "dex-google-connector")]) == read

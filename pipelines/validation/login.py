@@ -43,15 +43,15 @@ def _container(doc: Doc, name: str) -> dict:
     return next((c for c in containers if c.get("name") == name), {})
 
 
-def _vars(value: object) -> Iterator[str]:
+def env_variables(value: object) -> Iterator[str]:
     if isinstance(value, str):
         yield from _VAR.findall(value)
     elif isinstance(value, dict):
         for item in value.values():
-            yield from _vars(item)
+            yield from env_variables(item)
     elif isinstance(value, list):
         for item in value:
-            yield from _vars(item)
+            yield from env_variables(item)
 
 
 def dex_issuer(docs: list[Doc]) -> str | None:
@@ -112,7 +112,7 @@ def _check_dex_env(docs: list[Doc], config_map: Doc, config: dict) -> Iterator[F
     by a hand-made Secret in envFrom whose documented keys hold it."""
     needed = {name for client in config.get("staticClients") or [] for key in ("idEnv", "secretEnv")
               if (name := client.get(key))}
-    needed.update(_vars(config.get("connectors") or []))
+    needed.update(env_variables(config.get("connectors") or []))
     deployment = _get(docs, "Deployment", *DEX)
     if deployment is None:
         return
