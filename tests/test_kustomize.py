@@ -49,8 +49,14 @@ def test_teams_differ_in_capacity_gpu_and_quota(overlays) -> None:
     for team, docs in overlays.items():
         assert _team_config(docs)["team"] == team
         assert all(isinstance(v, str) for v in _team_config(docs).values())
-        binding = next(d for d in docs if d["kind"] == "RoleBinding")
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default-editor", "namespace": team}]
+        bindings = {d["metadata"]["name"]: d for d in docs if d["kind"] == "RoleBinding"}
+        assert bindings["arrcoc-training"]["subjects"] == [
+            {"kind": "ServiceAccount", "name": "default-editor", "namespace": team}]
+        # CI's account: the KFP API's verbs only (README step 3)
+        ci = {"kind": "ServiceAccount", "name": "ci", "namespace": team}
+        assert bindings["arrcoc-pipelines-ci"]["subjects"] == [ci]
+        assert bindings["arrcoc-pipelines-ci"]["roleRef"]["name"] == "arrcoc-pipelines-ci"
+        assert any(d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "ci" for d in docs)
         assert not any(d["kind"] == "CapacityScheduling" for d in docs), "local-config must not be emitted"
 
 
@@ -84,6 +90,25 @@ def test_katib_trials_schedule_as_the_teams_jobs(overlays, team: str) -> None:
         assert pod["tolerations"] == want["tolerations"] == config.tolerations
         assert pod["nodeSelector"] == want["nodeSelector"]
         assert (pod["nodeSelector"].get("cloud.google.com/gke-spot") == "true") == (config.capacity == "spot")
+
+
+@pytest.mark.parametrize("team", ["team-vision", "team-research"])
+def test_checkpoint_share_is_given_to_the_pods_group_once(overlays, team: str) -> None:
+    """The Job that makes a new share writable for the uid KFP steps run as (they have no fsGroup): it mounts the
+    team's checkpoint claim with fsGroup = that uid, applied only on a root mismatch, and runs the image and uid
+    the steps and replicas use."""
+    from pipelines.jobs.pytorchjob import DEFAULT_IMAGE, FS_GROUP_CHANGE_POLICY
+
+    docs = overlays[team]
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    pod = job["spec"]["template"]["spec"]
+    security = pod["securityContext"]
+    assert (security["fsGroup"], security["runAsUser"], security["runAsGroup"]) == (RUN_AS_USER,) * 3
+    assert security["fsGroupChangePolicy"] == FS_GROUP_CHANGE_POLICY == "OnRootMismatch"
+    assert [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]] == [_team_config(docs)["checkpointPVC"]]
+    assert pod["containers"][0]["image"] == DEFAULT_IMAGE
+    assert job["spec"]["template"]["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0  # a finished Job goes, so a later apply can run a new one
 
 
 def test_yamllint_passes_on_all_yaml_we_own() -> None:

@@ -12,14 +12,18 @@ upstream source each model follows).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipelines.validation import controller_pods, invariants, reachability
+from pipelines.validation import controller_pods, gke, invariants, login, reachability, upstream_changes
 from pipelines.validation.findings import Doc
 from pipelines.validation.netpol import Endpoint, connection
 from pipelines.validation.podsecurity import check_restricted
@@ -32,8 +36,9 @@ MIRRORS = {"kubeflow-manifests.git": "https://github.com/kubeflow/manifests",
 PIPELINE = COMPILED / "arrcoc_train.yaml"
 
 
-@pytest.fixture(scope="module")
-def platform() -> tuple[list[Doc], list]:
+@contextlib.contextmanager
+def _mirrors() -> Iterator[None]:
+    """git's url.<base>.insteadOf pointing the remote refs at the pinned mirrors, for this block only."""
     if not UPSTREAM.is_dir():
         pytest.skip(f"{UPSTREAM} (pinned mirrors of the remote refs) is absent: with network access, run "
                     f"`arrcoc validate --platform` instead")
@@ -44,13 +49,19 @@ def platform() -> tuple[list[Doc], list]:
         os.environ[f"GIT_CONFIG_KEY_{i}"] = f"url.file://{UPSTREAM / mirror}.insteadOf"
         os.environ[f"GIT_CONFIG_VALUE_{i}"] = url
     try:
-        loaded, findings = validate([], SchemaSet(crd_dir()), platform=True)
+        yield
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def platform() -> tuple[list[Doc], list]:
+    with _mirrors():
+        loaded, findings = validate([], SchemaSet(crd_dir()), platform=True)
     return loaded.docs, findings
 
 
@@ -184,3 +195,153 @@ def test_kfp_runs_the_bucket_steps_as_the_workload_identity_account(platform) ->
     assert sorted(f.split(": ")[1] for f in found) == ["KfpExecutorPod//exec-evaluate-2",
                                                        "KfpExecutorPod//exec-prepare-data-2"]
     assert all("'pipeline-runner'" in f and "Workload Identity" in f for f in found)
+
+
+def test_login_chain_agrees_on_the_public_dex_issuer(platform) -> None:
+    """Dex's issuer is the public URL, its Google connector's callback is that + /callback, oauth2-proxy and the
+    dex-jwt RequestAuthentication check tokens against it, and Dex gets every variable its config reads."""
+    docs, _ = platform
+    issuer = login.dex_issuer(docs)
+    assert issuer == "https://kubeflow.example.com/dex"
+    assert login.oauth2_proxy_issuer(docs) == issuer
+    dex_jwt = _get(docs, "RequestAuthentication", "dex-jwt", "istio-system").obj["spec"]["jwtRules"][0]
+    assert (dex_jwt["issuer"], dex_jwt["jwksUri"]) == (issuer, "http://dex.auth.svc.cluster.local:5556/dex/keys")
+    env_from = _get(docs, "Deployment", "dex", "auth").obj["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    assert [e["secretRef"]["name"] for e in env_from] == ["dex-oidc-client", "dex-passwords", "dex-google-connector"]
+    assert list(login.check_login(docs)) == []
+
+
+def _edited(docs: list[Doc], kind: str, name: str, edit) -> list[Doc]:
+    docs = copy.deepcopy(docs)
+    edit(next(d for d in docs if d.kind == kind and (d.name == name or d.name.startswith(name + "-"))).obj)
+    return docs
+
+
+@pytest.mark.parametrize(("kind", "name", "edit", "expected"), [
+    ("ConfigMap", "dex", lambda o: o["data"].update({"config.yaml": o["data"]["config.yaml"].replace(
+        "issuer: https://kubeflow.example.com/dex", "issuer: http://dex.auth.svc.cluster.local:5556/dex")}),
+     ["must be Kubeflow's public https URL", "must be the issuer + /callback", "oauth2-proxy checks ID tokens against",
+      "no RequestAuthentication trusts", "differs from Dex's issuer"]),
+    ("Deployment", "oauth2-proxy", lambda o: o["spec"]["template"]["spec"]["containers"][0].update(
+        env=[e for e in o["spec"]["template"]["spec"]["containers"][0]["env"]
+             if e["name"] != login.OAUTH2_PROXY_ISSUER_ENV]),
+     ["oauth2-proxy checks ID tokens against 'http://dex.auth.svc.cluster.local:5556/dex'"]),
+    # the day-one bug: a strategic-merge patch replaced upstream's envFrom
+    ("Deployment", "dex", lambda o: o["spec"]["template"]["spec"]["containers"][0].update(
+        envFrom=[{"secretRef": {"name": "dex-google-connector"}}]),
+     ["nothing gives Dex $OIDC_CLIENT_ID", "nothing gives Dex $OIDC_CLIENT_SECRET"]),
+])
+def test_login_check_names_each_broken_link(platform, kind, name, edit, expected) -> None:
+    found = [str(f) for f in login.check_login(_edited(platform[0], kind, name, edit))]
+    assert len(found) == len(expected) and all(e in f for e, f in zip(expected, found, strict=True)), found
+
+
+def test_every_upstream_field_our_patches_change_is_declared(platform) -> None:
+    docs, findings = platform
+    assert not [f for f in findings if f.kind == "UpstreamChanges"]
+    declared = upstream_changes.declared(REPO / "manifests" / "kubeflow" / upstream_changes.DECLARATIONS)
+    paths = {e["path"] for e in declared if e["object"] == "ConfigMap/auth/dex"}
+    assert {'data["config.yaml"].issuer', 'data["config.yaml"].staticPasswords'} <= paths
+
+
+def test_a_strategic_merge_patch_that_replaces_envfrom_is_refused(tmp_path: Path) -> None:
+    """The day-one Dex patch, reintroduced in a copy of manifests/kubeflow/auth: rendered against its upstream
+    alone, the replaced and dropped envFrom entries are reported as undeclared changes."""
+    auth = tmp_path / "auth"
+    shutil.copytree(REPO / "manifests" / "kubeflow" / "auth", auth)
+    kustomization = yaml.safe_load((auth / "kustomization.yaml").read_text())
+    kustomization["patches"] = [p for p in kustomization["patches"] if "dex-google-connector" not in str(p)]
+    kustomization["patches"].append({"patch": yaml.safe_dump({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "dex", "namespace": "auth"},
+        "spec": {"template": {"spec": {"containers": [
+            {"name": "dex", "envFrom": [{"secretRef": {"name": "dex-google-connector"}}]}]}}}})})
+    (auth / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    with _mirrors():
+        found = [str(f) for f in upstream_changes.check(
+            REPO / "manifests" / "kubeflow" / upstream_changes.DECLARATIONS, "auth",
+            upstream_changes.render(auth), upstream_changes.render_upstream(auth)) if f.path == "(undeclared)"]
+    assert len(found) == 2, found
+    assert "containers[name=dex].envFrom[0].secretRef.name: replaced: upstream \"dex-oidc-client\"" in found[0]
+    assert "containers[name=dex].envFrom[1]: removed: upstream {\"secretRef.name\": \"dex-passwords\"}" in found[1]
+
+
+# Where people are told to run commands: the README, docs/ and the Katib guide.
+GUIDES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "katib" / "README.md"]
+_NAMESPACE = re.compile(r"(?:kubectl\b[^`\n|]*?\s(?:-n|--namespace)[ =]|KFP_NAMESPACE=)([a-z0-9][a-z0-9-]*)")
+_TOKEN = re.compile(r"kubectl\s+-n\s+([a-z0-9][a-z0-9-]*)\s+create\s+token\s+([^\s`]+)")
+# Namespaces made by an install that cannot be rendered from the pinned mirrors here.
+UNRENDERED = {"kueue-system": "manifests/kueue-install: Kueue's release manifest (network only)",
+              "config-control": "Config Controller's own namespace, where manifests/gcp is applied"}
+
+
+def test_every_account_and_namespace_the_guides_name_exists(platform) -> None:
+    """README step 3 once told CI to use a service account `ci` that nothing created: every namespace and every
+    `create token` account in the guides must be in the rendered install and overlays (or made by the profile
+    controller for a Profile: default-editor, default-viewer)."""
+    docs, _ = platform
+    namespaces = {d.name for d in docs if d.kind == "Namespace"} | {d.namespace for d in docs if d.namespace}
+    accounts = {(d.namespace, d.name) for d in docs if d.kind == "ServiceAccount"}
+    accounts |= {(d.name, a) for d in docs if d.kind == "Profile" for a in invariants.PROFILE_ACCOUNTS}
+    named, tokens = set(), set()
+    for guide in GUIDES:
+        text = guide.read_text()
+        named |= {(guide.name, n) for n in _NAMESPACE.findall(text)}
+        tokens |= {(guide.name, ns, sa) for ns, sa in _TOKEN.findall(text)}
+    assert {n for _, n in named} >= {"team-vision", "kubeflow", "auth"}  # the patterns still find what they should
+    assert {sa for _, _, sa in tokens} >= {"ci"}
+    assert [(g, n) for g, n in sorted(named) if n not in namespaces and n not in UNRENDERED] == []
+    assert [(g, ns, sa) for g, ns, sa in sorted(tokens) if (ns, sa) not in accounts] == []
+
+
+def test_the_control_plane_reaches_every_webhook_of_the_install(platform) -> None:
+    """A private cluster's control plane reaches nodes on 443 and 10250 only; the ports Kubeflow's webhooks listen
+    on, read from the rendered webhook configurations, Services and Deployments, are what manifests/gcp opens."""
+    docs, findings = platform
+    ports = gke._webhook_ports(docs)
+    assert {4443, 8443, 9443, 15017} <= set(ports)
+    assert not [f for f in findings if f.kind == "ContainerCluster"]
+    docs = copy.deepcopy(docs)
+    rule = _get(docs, "ComputeFirewall", "arrcoc-control-plane-to-webhooks").obj["spec"]["allow"][0]
+    rule["ports"] = [p for p in rule["ports"] if p != "15017"]
+    (found,) = [str(f) for f in gke.check_cloud(docs) if "firewall" in str(f)]
+    assert "15017 (istio-sidecar-injector (istio-system/istiod))" in found and "9443" not in found
+
+
+def test_browsers_and_ci_reach_the_gateway_over_https_only(platform) -> None:
+    """Upstream isolates istio-system to its own pods; behind the load balancer the gateway takes its two serving
+    ports from anywhere, nothing else, and the TLS server uses the hand-made certificate Secret."""
+    docs, _ = platform
+    policies = [d.obj for d in docs if d.kind == "NetworkPolicy"]
+    gateway = Endpoint("istio-system", {}, {"app": "istio-ingressgateway", "istio": "ingressgateway"})
+    outside = Endpoint(ip="203.0.113.7")
+    assert connection(policies, outside, gateway, 8443).allowed and connection(policies, outside, gateway, 8080).allowed
+    assert not connection(policies, outside, gateway, 15021).allowed
+    without = [p for p in policies if p["metadata"]["name"] != "allow-outside-to-ingressgateway"]
+    assert not connection(without, outside, gateway, 8443).allowed  # upstream alone drops every visitor
+    assert _get(docs, "Service", "istio-ingressgateway", "istio-system").obj["spec"]["type"] == "LoadBalancer"
+    servers = _get(docs, "Gateway", "kubeflow-gateway", "kubeflow").obj["spec"]["servers"]
+    assert [s["port"]["number"] for s in servers] == [80, 443]
+    assert servers[0]["tls"] == {"httpsRedirect": True}
+    assert servers[1]["tls"] == {"mode": "SIMPLE", "credentialName": "kubeflow-tls"}
+
+
+def test_the_istio_version_the_docs_state_is_the_one_rendered(platform) -> None:
+    docs, _ = platform
+    images = {c["image"] for d in docs if d.kind == "Deployment"
+              for c in d.obj["spec"]["template"]["spec"]["containers"] if "istio-release" in c["image"]}
+    versions = {image.rsplit(":", 1)[1] for image in images}
+    stated = re.search(r"The Istio it installs is \*\*([\d.]+)\*\*", (REPO / "docs" / "platform.md").read_text())
+    assert stated and versions == {stated.group(1)}, (versions, stated)
+
+
+def test_the_dex_secret_the_docs_create_holds_what_dex_reads() -> None:
+    """The keys of the hand-made Secret: what docs/platform.md's command creates, what login.py counts on, and the
+    variables Dex's connector reads that no rendered Secret gives (our dex-config.yaml)."""
+    text = (REPO / "docs" / "platform.md").read_text()
+    command = re.search(r"create secret generic dex-google-connector((?:\s+\\?\s*--from-literal=\w+=\S*)+)", text)
+    assert command, "docs/platform.md no longer creates the Secret dex-google-connector"
+    documented = set(re.findall(r"--from-literal=(\w+)=", command.group(1)))
+    config = yaml.safe_load(yaml.safe_load((REPO / "manifests" / "kubeflow" / "auth" / "dex-config.yaml").read_text())[
+        "data"]["config.yaml"])
+    read = set(login.env_variables(config["connectors"]))
+    assert documented == set(login.HAND_MADE_SECRETS[("auth", "dex-google-connector")]) == read

@@ -159,6 +159,9 @@ def test_pod_is_restricted_istio_free_and_has_shared_memory() -> None:
     assert pod(m)["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
     assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 1000
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    # the kubelet re-chowns the checkpoint share only when its root lacks the group, not at every replica start
+    assert (spec["securityContext"]["fsGroup"], spec["securityContext"]["fsGroupChangePolicy"]) == (
+        1000, "OnRootMismatch")
     assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]

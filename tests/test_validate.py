@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -194,7 +195,12 @@ CASES = [
      "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.template.spec.serviceAccountName",
      "Workload Identity"),
     ("sweep larger than the quota", _edit(lambda d: _obj(d, "Experiment")["spec"].update(parallelTrialCount=13)),
-     "Experiment/team-vision/sweep", "spec.parallelTrialCount", "at most 12 fit at once"),
+     "Experiment/team-vision/sweep", "spec.parallelTrialCount", "at most 11 trials fit at once"),
+    # 12 trials of 2 CPU fill 24 CPU exactly, but each primary pod also gets Katib's metrics collector (50m) and
+    # the Experiment a suggestion pod (50m): katib-config's defaults, counted too
+    ("sweep that fits only without Katib's own pods",
+     _edit(lambda d: _obj(d, "Experiment")["spec"].update(parallelTrialCount=12)),
+     "Experiment/team-vision/sweep", "spec.parallelTrialCount", "requests.cpu 24.65 > 24"),
     ("job larger than the quota",
      _edit(lambda d: _obj(d, "ResourceQuota")["spec"]["hard"].update({"requests.cpu": "3"})),
      "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs", "requests.cpu"),
@@ -207,6 +213,17 @@ CASES = [
     ("double from 0 under bayesianoptimization",
      _edit(lambda d: _obj(d, "Experiment")["spec"]["parameters"][0]["feasibleSpace"].update(min="0")),
      "Experiment/team-vision/sweep", "spec.parameters[0].feasibleSpace.min", "log-uniform"),
+    ("fsGroup on the checkpoint claim re-chowned at every start",
+     _edit(lambda d: _job_pod(d)["securityContext"].update(fsGroup=1000)),
+     "PyTorchJob/team-vision/arrcoc-train-1", "spec.pytorchReplicaSpecs.Master.template.spec.securityContext."
+     "fsGroupChangePolicy", "OnRootMismatch"),
+    ("ownership Job without OnRootMismatch",
+     _edit(lambda d: _obj(d, "Job", "checkpoints-owner")["spec"]["template"]["spec"]["securityContext"].pop(
+         "fsGroupChangePolicy")),
+     "Job/team-vision/checkpoints-owner", "spec.template.spec.securityContext.fsGroupChangePolicy", "every start"),
+    ("RoleBinding to an account nobody creates",
+     _edit(lambda d: _obj(d, "RoleBinding", "arrcoc-pipelines-ci")["subjects"][0].update(name="github-ci")),
+     "RoleBinding/team-vision/arrcoc-pipelines-ci", "subjects[0]", "team-vision/github-ci"),
     ("undeclared trial parameter",
      _edit(lambda d: _trial_pod(d)["containers"][0]["command"].append("${trialParameters.momentum}")),
      "Experiment/team-vision/sweep", "spec.trialTemplate.trialSpec", "momentum"),
@@ -311,6 +328,7 @@ def test_crd_download_check_catches_a_changed_file(tmp_path: Path) -> None:
     from pipelines.validation import crds
 
     sums = crds.expected_sums()
+    assert {f.local for f in crds.FILES} == set(sums)  # every pinned file has its digest, and no digest is orphaned
     assert crds.verify(crd_dir()) == []
     name = "katib-v0.19.0/swagger.json"
     copy_dir = tmp_path / "crds"
@@ -427,3 +445,20 @@ def test_katib_suggestion_claim_counts_against_the_quota(schemas, team_vision) -
                               "data": {"katib-config.yaml": yaml.safe_dump(katib_config)}}))
     [finding] = claim_findings()
     assert "requests.storage" in finding and "> 1200Gi" in finding
+
+
+def test_the_pipelines_training_job_counts_its_train_step_and_sidecars(schemas, team_vision) -> None:
+    """The pipeline's job: the builder's replicas (2 x 4 CPU for team-vision) plus the train step that waits on
+    them (500m); a team that mounts a bucket adds the GCS FUSE sidecar to every replica (500m each)."""
+    from pipelines.validation import quota
+
+    docs = copy.deepcopy(team_vision)
+    _obj(docs, "ResourceQuota")["spec"]["hard"]["requests.cpu"] = "8"
+    found = [str(f) for f in check(docs, schemas, [COMPILED]) if "pipeline's training job" in f.message]
+    assert len(found) == 1 and "requests.cpu 8.5 > 8" in found[0] and "train step" in found[0]
+    sidecar = quota.template_usage({"metadata": {"annotations": {"gke-gcsfuse/volumes": "true",
+                                                                 "gke-gcsfuse/cpu-limit": "500m",
+                                                                 "gke-gcsfuse/memory-limit": "1Gi"}},
+                                    "spec": {"containers": [{"resources": {"requests": {"cpu": "1", "memory": "1Gi"},
+                                                                           "limits": {"cpu": "1", "memory": "1Gi"}}}]}})
+    assert (sidecar["requests.cpu"], sidecar["limits.memory"], sidecar["pods"]) == (Decimal("1.5"), 2 * 2**30, 1)

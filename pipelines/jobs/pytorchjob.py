@@ -7,8 +7,8 @@ Why the spec looks the way it does (details in docs/pytorchjob.md):
   --out is <mount>/<run-id>, so a restarted replica resumes from the same directory.
 - an explicit `command` (python -m trainer, or torchrun with several processes per pod) because Katib's metrics
   collector wraps the command in `sh -c`; sidecar.istio.io/inject "false" because a sidecar keeps pods alive.
-- a restricted-PSS security context, cpu/memory/GPU requests = limits (Guaranteed QoS; a namespace with a
-  ResourceQuota rejects pods without requests).
+- a restricted-PSS security context whose fsGroup is applied only on a root mismatch, cpu/memory/GPU requests =
+  limits (Guaranteed QoS; a namespace with a ResourceQuota rejects pods without requests).
 
 What the operator admits and which images we run live in pipelines/jobs/rules.py: `build_pytorchjob` refuses
 inputs that break them, and `check_manifest` applies them to manifests read from files.
@@ -54,8 +54,9 @@ GCSFUSE_SIDECAR_LIMITS = {"gke-gcsfuse/cpu-limit": "500m", "gke-gcsfuse/memory-l
 # What every pod that mounts a bucket carries (the replicas here, the pipeline's prepare-data and evaluate steps):
 # GKE's webhook injects the sidecar only into pods annotated gke-gcsfuse/volumes: "true".
 GCSFUSE_POD_ANNOTATIONS = {"gke-gcsfuse/volumes": "true", **GCSFUSE_SIDECAR_LIMITS}
-# The sidecar reaches GCS as the pod's service account through Workload Identity; a Profile's Workload Identity
-# plugin binds a Google service account to default-editor only (not to default).
+# The sidecar reaches GCS as the pod's Kubernetes service account through Workload Identity Federation: the bucket
+# roles are granted to this account's principal in each team namespace (manifests/gcp/teams), and KFP multi-user
+# runs pipeline steps as it too.
 WORKLOAD_IDENTITY_ACCOUNT = "default-editor"
 TEAM_LABEL = "arrcoc.dev/team"
 RUN_ID_LABEL = "arrcoc.dev/run-id"
@@ -64,6 +65,11 @@ KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # reference ${trialSpec.Name}, so each trial gets its own run id (and checkpoint folder).
 KATIB_TRIAL_NAME = "${trialParameters.trialName}"
 RUN_AS_USER = 1000
+# With fsGroup, the kubelet chowns a volume to the group before the container starts; the Filestore CSI driver
+# declares fsGroupPolicy File, so it does so on the checkpoint share, recursively, at every replica start unless
+# the share's root already has the group and its bits (kubernetes pkg/volume/volume_linux.go,
+# skipPermissionChange/requiresPermissionChange): OnRootMismatch keeps a start from walking every checkpoint.
+FS_GROUP_CHANGE_POLICY = "OnRootMismatch"
 
 _DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _RUN_ID = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
@@ -263,6 +269,7 @@ def _pod_template(image: str, args: list[str], nproc: str, team: TeamConfig, lab
             service_account_name=WORKLOAD_IDENTITY_ACCOUNT if team.uses_gcsfuse() else None,
             security_context=k8s.V1PodSecurityContext(
                 run_as_non_root=True, run_as_user=RUN_AS_USER, run_as_group=RUN_AS_USER, fs_group=RUN_AS_USER,
+                fs_group_change_policy=FS_GROUP_CHANGE_POLICY,
                 seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),
         ),
     )

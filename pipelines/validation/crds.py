@@ -31,7 +31,26 @@ class PinnedFile:
         return f"https://raw.githubusercontent.com/{self.repo}/{self.commit}/{self.path}"
 
 
+def _config_connector(resource: str) -> PinnedFile:
+    """A Config Connector v1.155.1 CRD (GKE's add-on for Google Cloud resources as Kubernetes objects: manifests/gcp),
+    e.g. resource "storagebuckets.storage"."""
+    name = f"{resource}.cnrm.cloud.google.com.yaml"
+    return PinnedFile(f"config-connector-v1.155.1/{name}", "GoogleCloudPlatform/k8s-config-connector",
+                      "033afecec0b66d43ca04d9bfc20b43e4453c2a09",
+                      f"config/crds/resources/apiextensions.k8s.io_v1_customresourcedefinition_{name}")
+
+
 FILES = (
+    _config_connector("artifactregistryrepositories.artifactregistry"),
+    _config_connector("computefirewalls.compute"),
+    _config_connector("computenetworks.compute"),
+    _config_connector("containerclusters.container"),
+    _config_connector("containernodepools.container"),
+    _config_connector("filestoreinstances.filestore"),
+    _config_connector("iampartialpolicies.iam"),
+    _config_connector("iampolicymembers.iam"),
+    _config_connector("iamserviceaccounts.iam"),
+    _config_connector("storagebuckets.storage"),
     PinnedFile("katib-v0.19.0/experiment.yaml", "kubeflow/katib", "578e60f1ce83dbb5e7151026a3bdc4de233947fc",
                "manifests/v1beta1/components/crd/experiment.yaml"),
     PinnedFile("katib-v0.19.0/suggestion.yaml", "kubeflow/katib", "578e60f1ce83dbb5e7151026a3bdc4de233947fc",
@@ -76,6 +95,16 @@ FILES = (
 )
 
 SHA256SUMS = """\
+100fb9afb9352795e5bbcb64262617a19ae813a09e96139a575a0964db8bbd29  ./config-connector-v1.155.1/artifactregistryrepositories.artifactregistry.cnrm.cloud.google.com.yaml
+eba41244f5a40685d99284ab129bf6566d1a772e58261506dc771adcda2dd935  ./config-connector-v1.155.1/computefirewalls.compute.cnrm.cloud.google.com.yaml
+324e3c2c40234b55f2b835f27d4ff07658d0be562defc470527146240b4015cf  ./config-connector-v1.155.1/computenetworks.compute.cnrm.cloud.google.com.yaml
+b84bd526ede46a337d92d3e5d176aa41b20b56e9b171321162b00983914dc0de  ./config-connector-v1.155.1/containerclusters.container.cnrm.cloud.google.com.yaml
+b1e3ed69ced9972db8cd57c01401687fa625985305260fcc9d0a472db912e55c  ./config-connector-v1.155.1/containernodepools.container.cnrm.cloud.google.com.yaml
+477b38b2b849e9354f17a59d49a97925bfc28b82d1dec0fc53f2f89028f8ba05  ./config-connector-v1.155.1/filestoreinstances.filestore.cnrm.cloud.google.com.yaml
+5ea0bb77cd72c573e240d0b42314407a43e559532da466c64e67ea4290650d2e  ./config-connector-v1.155.1/iampartialpolicies.iam.cnrm.cloud.google.com.yaml
+3857b636b797d04c66d5b8e3ab638ec0671a6c784a2dc4c96817a58573195d29  ./config-connector-v1.155.1/iampolicymembers.iam.cnrm.cloud.google.com.yaml
+6f6bc2a8529bd4614ac6e119ee2c5ed5b4040cf54bc37ff5fc00eb6042be7f44  ./config-connector-v1.155.1/iamserviceaccounts.iam.cnrm.cloud.google.com.yaml
+70250a86db6e1206aedf9c059caeec2e011900d3632f4984a6924eb96a773462  ./config-connector-v1.155.1/storagebuckets.storage.cnrm.cloud.google.com.yaml
 c7f8a989368dcc87bcbb2739efa3b3e6f78d31f156857e0284e56c8bd6bf98db  ./katib-v0.19.0/experiment.yaml
 779b50ccf5a60da5e79bac8ff37a0f1adbecfb77b366645d1db79709c6eb2922  ./katib-v0.19.0/suggestion.yaml
 fe7228f8735d8e024ee99a1080ca9851b0a8e34c7b49f402e4cb54bfbe13f45a  ./katib-v0.19.0/swagger.json

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from pipelines.jobs.pytorchjob import FS_GROUP_CHANGE_POLICY as ON_ROOT_MISMATCH
 from pipelines.jobs.pytorchjob import GCSFUSE_DRIVER, WORKLOAD_IDENTITY_ACCOUNT
 from pipelines.jobs.rules import image_problem
 from pipelines.jobs.team_config import CONFIGMAP_NAME as TEAM_CONFIG
@@ -26,9 +27,19 @@ TEAM_LABEL = "arrcoc.io/team"
 # katib-db-manager (common/kubeflow-namespace/base/kubeflow/*.yaml); the profile controller sets it only on a
 # namespace that does not already have the key.
 PROFILE_LABEL = ("app.kubernetes.io/part-of", "kubeflow-profile")
+# The service accounts Kubeflow's profile controller creates in every Profile's namespace (kubeflow/dashboard
+# components/profile-controller/controllers/profile_controller.go, Reconcile: default-editor, default-viewer).
+PROFILE_ACCOUNTS = ("default-editor", "default-viewer")
 
 
 def check_pod_spec(doc: Doc, path: list, spec: dict, images_only: bool = False) -> Iterator[Finding]:
+    security = spec.get("securityContext") or {}
+    claims = [v.get("name") for v in spec.get("volumes") or [] if "persistentVolumeClaim" in v]
+    if not images_only and claims and "fsGroup" in security and security.get("fsGroupChangePolicy") != ON_ROOT_MISMATCH:
+        yield doc.finding(path + ["securityContext", "fsGroupChangePolicy"],
+                          f"must be {ON_ROOT_MISMATCH} with fsGroup on a claim ({', '.join(map(str, claims))}): "
+                          "otherwise the kubelet re-chowns the whole volume at every start (the Filestore CSI driver "
+                          "declares fsGroupPolicy File), slower as checkpoints accumulate")
     for cpath, container in containers(spec):
         here = path + cpath
         image = container.get("image")
@@ -58,7 +69,7 @@ def _parse_team_config(doc: Doc) -> tuple[TeamConfig | None, list[Finding]]:
         return None, [doc.finding(path, message)]
 
 
-def _tolerates(tolerations: list, taint: dict) -> bool:
+def tolerates(tolerations: list, taint: dict) -> bool:
     for t in tolerations or []:
         if t.get("effect") not in (None, "", taint.get("effect")):
             continue
@@ -87,7 +98,7 @@ def check_job_scheduling(doc: Doc, job: dict, prefix: list, configs: dict[str, T
         pod = ((replica or {}).get("template") or {}).get("spec") or {}
         here = prefix + ["spec", "pytorchReplicaSpecs", rtype, "template", "spec"]
         for taint in config.tolerations:
-            if not _tolerates(pod.get("tolerations") or [], taint):
+            if not tolerates(pod.get("tolerations") or [], taint):
                 yield doc.finding(
                     here + ["tolerations"],
                     f"does not tolerate {taint.get('key')}={taint.get('value', '')}:{taint.get('effect')} "
@@ -142,6 +153,15 @@ def check_namespaces(docs: list[Doc]) -> Iterator[Finding]:
             if kind not in by_namespace[team]:
                 yield d.finding("(namespace)", f"team namespace {team} has no {kind} "
                                 "(every team namespace needs a ResourceQuota, a LimitRange and a NetworkPolicy)")
+    accounts = {(d.namespace, d.name) for d in docs if d.kind == "ServiceAccount"}
+    for d in docs:
+        if d.kind == "RoleBinding" and d.namespace in seen:
+            for i, subject in enumerate(d.obj.get("subjects") or []):
+                key = (subject.get("namespace") or d.namespace, subject.get("name"))
+                if (subject.get("kind") == "ServiceAccount" and key not in accounts
+                        and not (key[1] in PROFILE_ACCOUNTS and key[0] in owners)):
+                    yield d.finding(["subjects", i], f"service account {key[0]}/{key[1]} is neither in this build nor "
+                                    f"one the profile controller makes ({', '.join(PROFILE_ACCOUNTS)})")
     for d in docs:
         if d.kind == "ResourceQuota" and d.namespace in seen:
             hard = (d.obj.get("spec") or {}).get("hard") or {}
@@ -170,14 +190,14 @@ def _check_kueue_config(doc: Doc) -> Iterator[Finding]:
 
 # GKE injects the GCS FUSE sidecar into pods annotated gke-gcsfuse/volumes: "true". Without these annotations the
 # sidecar has no cpu or memory limit, which a ResourceQuota on limits.* refuses; and the sidecar authenticates with
-# the pod's service account through Workload Identity, which the Profile's plugin configures on default-editor.
+# the pod's service account through Workload Identity, whose bucket roles manifests/gcp grants to default-editor.
 GCSFUSE_LIMIT_ANNOTATIONS = ("gke-gcsfuse/cpu-limit", "gke-gcsfuse/memory-limit")
 
 
 def check_gcsfuse(doc: Doc, job: dict, prefix: list, quota_namespaces: dict[str, dict],
                   profile_namespaces: set[str]) -> Iterator[Finding]:
     """The sidecar's limits where a quota limits limits.*; the Workload Identity account in a Profile's namespace
-    (the only place the Profile's plugin configures it, so only checked where the Profile is in view)."""
+    (the account manifests/gcp grants bucket roles to; checked where the Profile is in view)."""
     namespace = (job.get("metadata") or {}).get("namespace") or doc.namespace
     hard = quota_namespaces.get(namespace, {})
     for rtype, replica in ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).items():
@@ -194,7 +214,8 @@ def check_gcsfuse(doc: Doc, job: dict, prefix: list, quota_namespaces: dict[str,
         account = (template.get("spec") or {}).get("serviceAccountName") or "default"
         if namespace in profile_namespaces and account != WORKLOAD_IDENTITY_ACCOUNT:
             yield doc.finding(here + ["spec", "serviceAccountName"], f"{account!r} has no Workload Identity: the GCS "
-                              f"FUSE sidecar needs {WORKLOAD_IDENTITY_ACCOUNT!r}, which the Profile configures")
+                              f"FUSE sidecar needs {WORKLOAD_IDENTITY_ACCOUNT!r}, which manifests/gcp grants the "
+                              f"bucket roles")
 
 
 def check_data_buckets(docs: list[Doc]) -> Iterator[Finding]:

@@ -1,10 +1,16 @@
 """Quota arithmetic per team namespace: what its jobs and sweeps ask for against its ResourceQuota.
 
 A ResourceQuota admits pods one at a time (there is no gang admission), so a job or a batch of parallel trials
-that does not fit whole starts some replicas, which then hold their GPUs while the rest are refused. Checked:
-- every PyTorchJob in the namespace, and the pipeline's training job (team-config per replica, times the
-  compiled pipeline's default replica count), fit the quota;
-- an Experiment's parallelTrialCount trials fit at once;
+that does not fit whole starts some replicas, which then hold their GPUs while the rest are refused. Pods count
+with what the platform adds to them: the GCS FUSE sidecar of a pod annotated gke-gcsfuse/volumes (requests equal
+the gke-gcsfuse/*-limit annotations: gcs-fuse-csi-driver pkg/webhook/config.go, populateResource; unannotated,
+its defaults, cmd/webhook/main.go), Katib's metrics collector in each trial's primary pod and Katib's suggestion
+pod per Experiment (resources from katib-config's StdOut collector and algorithm entries, else Katib v0.19's
+defaults, pkg/apis/config/v1beta1/defaults.go, setResourceRequirements). Checked:
+- every PyTorchJob in the namespace, and the pipeline's training job (the builder's replicas from team-config,
+  times the compiled pipeline's default replica count, plus the train step's own pod, which waits while it
+  runs), fit the quota;
+- an Experiment's parallelTrialCount trials and its suggestion pod fit at once;
 - the namespace's claims (checkpoints, the data bucket's, and the one Katib's suggestion controller makes for each
   Experiment with resumePolicy FromVolume) fit requests.storage and persistentvolumeclaims: a claim beyond them is
   refused when applied (for Katib's: the suggestion never starts and the Experiment gets no trials);
@@ -21,12 +27,23 @@ from pathlib import Path
 import yaml
 from kubernetes.utils.quantity import parse_quantity
 
+from pipelines.jobs.pytorchjob import build_pytorchjob, to_manifest
 from pipelines.jobs.team_config import TeamConfig, TeamConfigError
 from pipelines.validation.controller_pods import katib_config, suggestion_entry
 from pipelines.validation.findings import Doc, Finding
 from pipelines.validation.katib import substituted_trial_spec
 
 GPU = "nvidia.com/gpu"
+# The step that launches the PyTorchJob and waits for it (pipelines/kfp_pipeline/pipeline.py)
+TRAIN_EXECUTOR = "exec-train"
+# where a compiled KFP pipeline keeps an executor's requests and limits (kfp 2.17 compiler)
+KFP_RESOURCE_FIELDS = {("requests", "cpu"): "resourceCpuRequest", ("requests", "memory"): "resourceMemoryRequest",
+                       ("limits", "cpu"): "resourceCpuLimit", ("limits", "memory"): "resourceMemoryLimit"}
+# GCS FUSE sidecar requests without annotations (gcs-fuse-csi-driver cmd/webhook/main.go, sidecar-*-request)
+GCSFUSE_DEFAULT_REQUESTS = {"cpu": "250m", "memory": "256Mi"}
+# Katib v0.19 pkg/apis/config/v1beta1/defaults.go: what setResourceRequirements fills into a collector's,
+# suggestion's or early-stopping entry's resources, field by field, where katib-config leaves them out
+KATIB_DEFAULTS = {"requests": {"cpu": "50m", "memory": "10Mi"}, "limits": {"cpu": "500m", "memory": "100Mi"}}
 # Katib v0.19 pkg/apis/config/v1beta1/defaults.go DefaultSuggestionVolumeStorage: the suggestion's claim for an
 # Experiment with resumePolicy FromVolume, unless its algorithm's katib-config entry sets persistentVolumeClaimSpec.
 KATIB_SUGGESTION_STORAGE = "1Gi"
@@ -56,16 +73,68 @@ def pod_usage(spec: Mapping) -> Usage:
     return usage
 
 
+def gcsfuse_sidecar(annotations: Mapping) -> dict | None:
+    """The sidecar GKE's webhook adds to a pod annotated gke-gcsfuse/volumes: "true", with the resources it gets."""
+    if str(annotations.get("gke-gcsfuse/volumes")) != "true":
+        return None
+    requests, limits = {}, {}
+    for resource in ("cpu", "memory"):
+        limit = annotations.get(f"gke-gcsfuse/{resource}-limit")
+        request = annotations.get(f"gke-gcsfuse/{resource}-request") or limit or GCSFUSE_DEFAULT_REQUESTS[resource]
+        requests[resource] = request
+        if limit and str(limit) != "0":
+            limits[resource] = limit
+    return {"name": "gke-gcsfuse-sidecar", "resources": {"requests": requests, "limits": limits}}
+
+
+def template_usage(template: Mapping) -> Usage:
+    """One pod of a pod template, with the GCS FUSE sidecar it will get."""
+    spec = dict(template.get("spec") or {})
+    sidecar = gcsfuse_sidecar(((template.get("metadata") or {}).get("annotations")) or {})
+    if sidecar:
+        spec["containers"] = [*(spec.get("containers") or []), sidecar]
+    return pod_usage(spec)
+
+
 def job_usage(job: Mapping) -> Usage:
     total: Usage = Counter()
     for replica in ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).values():
-        pod = ((replica or {}).get("template") or {}).get("spec") or {}
+        template = (replica or {}).get("template") or {}
         replicas = (replica or {}).get("replicas", 1)
         if not isinstance(replicas, int):
             continue  # an unsubstituted or mistyped count: the schema check reports it
-        for key, value in pod_usage(pod).items():
+        for key, value in template_usage(template).items():
             total[key] += value * replicas
     return total
+
+
+def katib_resources(entry: Mapping | None, key: str = "resources") -> dict:
+    """A katib-config entry's resources with Katib's per-field defaults filled in, as Katib fills them."""
+    given = (entry or {}).get(key) or {}
+    return {section: {**defaults, **(given.get(section) or {})} for section, defaults in KATIB_DEFAULTS.items()}
+
+
+def collector_usage(docs: list[Doc]) -> Usage:
+    """Katib's metrics collector in a trial's primary pod (the StdOut collector our Experiments use): counted as a
+    container, not a pod."""
+    entries = (katib_config(docs) or {}).get("runtime", {}).get("metricsCollectors") or []
+    entry = next((e for e in entries if e.get("kind") == "StdOut"), None)
+    usage = pod_usage({"containers": [{"resources": katib_resources(entry, "resources")}]})
+    usage["pods"] = Decimal(0)
+    return usage
+
+
+def suggestion_usage(docs: list[Doc], spec: Mapping) -> Usage:
+    """The suggestion pod Katib runs for an Experiment, in its namespace (plus the early-stopping container)."""
+    config = katib_config(docs) or {}
+    algorithm = (spec.get("algorithm") or {}).get("algorithmName")
+    containers = [{"resources": katib_resources(suggestion_entry(config, algorithm))}]
+    stopping = (spec.get("earlyStopping") or {}).get("algorithmName")
+    if stopping:
+        entries = (config.get("runtime") or {}).get("earlyStoppings") or []
+        entry = next((e for e in entries if e.get("algorithmName") == stopping), None)
+        containers.append({"resources": katib_resources(entry, "resources")})
+    return pod_usage({"containers": containers})
 
 
 def _over(usage: Usage, hard: Mapping[str, str]) -> list[str]:
@@ -99,14 +168,16 @@ def check_quotas(docs: list[Doc], compiled: list[Path] = ()) -> Iterator[Finding
                                                                    f"of {namespace} holds: {'; '.join(over)}")
             elif doc.kind == "Experiment":
                 spec = doc.obj.get("spec") or {}
-                trial = job_usage(substituted_trial_spec(doc) or {})
+                trial = job_usage(substituted_trial_spec(doc) or {}) + collector_usage(docs)
+                suggestion = suggestion_usage(docs, spec)
                 parallel = int(spec.get("parallelTrialCount") or 3)  # Katib's default
-                sweep = Counter({k: v * parallel for k, v in trial.items()})
+                sweep = Counter({k: v * parallel for k, v in trial.items()}) + suggestion
                 if over := _over(sweep, hard):
-                    fits = _fitting(trial, hard)
+                    fits = _fitting(trial, hard, suggestion)
                     yield doc.finding(["spec", "parallelTrialCount"],
-                                      f"{parallel} parallel trials need more than ResourceQuota {quota.name} of "
-                                      f"{namespace} holds ({'; '.join(over)}); at most {fits} fit at once")
+                                      f"{parallel} parallel trials and the suggestion pod need more than "
+                                      f"ResourceQuota {quota.name} of {namespace} holds ({'; '.join(over)}); at most "
+                                      f"{fits} trials fit at once")
             elif doc.kind == "ConfigMap" and doc.name == "team-config":
                 yield from _check_pipeline_job(doc, quota, hard, compiled)
         yield from _check_claims(docs, namespace, quota, hard)
@@ -147,9 +218,9 @@ def _katib_suggestion_claims(docs: list[Doc], namespace: str) -> dict[str, Decim
     return claims
 
 
-def _fitting(per_trial: Usage, hard: Mapping[str, str]) -> int:
-    counts = [int(parse_quantity(str(hard[k])) // v) for k, v in per_trial.items() if k in hard and v > 0]
-    return min(counts) if counts else 0
+def _fitting(per_trial: Usage, hard: Mapping[str, str], beside: Usage) -> int:
+    counts = [int((parse_quantity(str(hard[k])) - beside[k]) // v) for k, v in per_trial.items() if k in hard and v > 0]
+    return max(min(counts), 0) if counts else 0
 
 
 def _check_pipeline_job(doc: Doc, quota: Doc, hard: Mapping, compiled: list[Path]) -> Iterator[Finding]:
@@ -157,16 +228,26 @@ def _check_pipeline_job(doc: Doc, quota: Doc, hard: Mapping, compiled: list[Path
         team = TeamConfig.from_configmap(doc.obj)
     except TeamConfigError:
         return  # reported where team-config is checked
-    resources = {"cpu": team.cpu_per_replica, "memory": team.memory_per_replica}
-    if team.gpus_per_replica:
-        resources[GPU] = str(team.gpus_per_replica)
-    per_pod = pod_usage({"containers": [{"resources": {"requests": resources, "limits": resources}}]})
     for path in compiled:
         replicas = pipeline_replicas(path)
-        if over := _over(Counter({k: v * replicas for k, v in per_pod.items()}), hard):
-            yield doc.finding(["data", "gpusPerReplica"], f"the pipeline's training job ({replicas} replicas, "
-                                                          f"{path.name}) needs more than ResourceQuota {quota.name} "
-                                                          f"holds: {'; '.join(over)}")
+        job = to_manifest(build_pytorchjob("quota", team=team, workers=replicas - 1))
+        usage = job_usage(job) + _step_usage(path, TRAIN_EXECUTOR)
+        if over := _over(usage, hard):
+            yield doc.finding(["data", "gpusPerReplica"], f"the pipeline's training job ({replicas} replicas and the "
+                                                          f"train step, {path.name}) needs more than ResourceQuota "
+                                                          f"{quota.name} holds: {'; '.join(over)}")
+
+
+def _step_usage(compiled: Path, executor: str) -> Usage:
+    """One KFP step's pod, from the compiled pipeline's resources for that executor."""
+    spec = next(d for d in yaml.safe_load_all(compiled.read_text()) if d)
+    container = (((spec.get("deploymentSpec") or {}).get("executors") or {}).get(executor) or {}).get("container") or {}
+    given = container.get("resources") or {}
+    resources: dict[str, dict] = {"requests": {}, "limits": {}}
+    for (section, resource), field in KFP_RESOURCE_FIELDS.items():
+        if field in given:
+            resources[section][resource] = given[field]
+    return pod_usage({"containers": [{"resources": resources}]})
 
 
 def _check_kueue(docs: list[Doc], namespace: str, quota: Doc, hard: Mapping) -> Iterator[Finding]:

@@ -18,7 +18,17 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pipelines.validation import controller_pods, invariants, katib, quota, reachability, training
+from pipelines.validation import (
+    controller_pods,
+    gke,
+    invariants,
+    katib,
+    login,
+    quota,
+    reachability,
+    training,
+    upstream_changes,
+)
 from pipelines.validation.findings import Doc, Finding
 from pipelines.validation.loading import Loaded, load_path, load_tree, render
 from pipelines.validation.podsecurity import check_restricted, pod_specs
@@ -109,6 +119,8 @@ def check(docs: list[Doc], schemas: SchemaSet, compiled: list[Path] = ()) -> lis
         findings.extend(invariants.check_pipeline_bucket_mounts(docs, path, _label_of(REPO)(path)))
     findings.extend(quota.check_quotas(docs, list(compiled)))
     findings.extend(reachability.check_reachability(docs))
+    findings.extend(login.check_login(docs))
+    findings.extend(gke.check_cloud(docs))
     findings.extend(_controller_pod_findings(docs, compiled))
     return findings
 
@@ -130,7 +142,22 @@ def validate(paths: list[Path], schemas: SchemaSet, platform: bool = False) -> t
     else:
         load_defaults(REPO, loaded, platform)
         compiled = sorted(COMPILED.glob("*.yaml"))
+        if platform:
+            loaded.findings.extend(_upstream_change_findings(loaded))
     return loaded, loaded.findings + check(loaded.docs, schemas, compiled)
+
+
+def _upstream_change_findings(loaded: Loaded) -> list[Finding]:
+    """What manifests/kubeflow's patches take away from upstream, against its reviewed list (a second render of
+    the same pinned refs without our patches)."""
+    directory = REPO / PLATFORM_LABEL
+    label = f"{PLATFORM_LABEL}/{upstream_changes.DECLARATIONS}"
+    try:
+        upstream = upstream_changes.render_upstream(directory)
+    except RuntimeError as error:
+        return [Finding(label, "Kustomization", "", PLATFORM_LABEL, "(build)", str(error))]
+    patched = [d.obj for d in loaded.docs if d.source == PLATFORM_LABEL]
+    return list(upstream_changes.check(directory / upstream_changes.DECLARATIONS, label, patched, upstream))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
