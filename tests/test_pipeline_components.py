@@ -11,12 +11,13 @@ import pytest
 
 from pipelines.jobs.backends import JobFailed
 from pipelines.jobs.team_config import ENV_NAMES, TeamConfig
-from pipelines.kfp_pipeline.report import Row, html_report, markdown_summary
+from pipelines.kfp_pipeline.report import html_report, markdown_summary
 from pipelines.kfp_pipeline.steps.prepare_data import PrepareError, prepare, read_folder
 from pipelines.kfp_pipeline.steps.register import register_model
 from pipelines.kfp_pipeline.steps.train import job_name_for, run_training, trainer_args
 from trainer.data import DATASET_KEYS, EVAL_OFFSET, generate, load_dataset
 from trainer.errors import UserError
+from trainer.task import Example
 
 
 def _png(path, colour, size=(40, 30)):
@@ -83,11 +84,11 @@ def test_sizes_must_be_positive(tmp_path):
         prepare("synthetic", 0, 0, 3, tmp_path / "t", tmp_path / "e")
 
 
-def _row(truth: bool, label: str) -> Row:
+def _row(truth: bool, label: str) -> Example:
     rng = np.random.default_rng(0)
     tokens = np.zeros((8, 8))
     tokens[2:4, 3:5] = [[9, 6], [4, 2]]
-    return Row(image=rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), qtype="SHAPE?", colour="red",
+    return Example(image=rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), question="Which shape is the red object?",
                relevance=rng.random((8, 8)), tokens=tokens, truth=rng.random((8, 8)) if truth else None,
                answer="disk" if truth else None, predicted="disk", label=label)
 

@@ -25,8 +25,9 @@ from trainer_helpers import (
 )
 
 from trainer.config import TrainConfig
+from trainer.tasks import task_for
 from trainer.tiny_vlm import FAMILIES, build_tiny_vlm
-from trainer.vlm import ArrCocVLM, kept_count, lod_allocation, lod_count, region_members, vlm_type
+from trainer.vlm import ArrCocVLM, kept_count, lod_allocation, lod_count, region_members
 from trainer.vqa import (
     VqaSource,
     budget_curve,
@@ -57,7 +58,7 @@ def cfg_for(world, family="qwen2_vl", **kw):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradients_reach_scorers_and_lm_lora_only(world, family):
     cfg = cfg_for(world, family)
-    assert vlm_type(cfg.base_model) == family
+    assert task_for(cfg).name == "vqa"
     torch.manual_seed(0)
     model = ArrCocVLM(cfg)
     batch = VqaSource(cfg.train_data, model.collate, cfg.max_bad_fraction).batch(range(4))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,18 +47,6 @@ SELECTIONS = ("relevance", "random", "uniform", "all")
 
 class VlmError(UserError):
     """A --base-model folder that is not a loadable Qwen-VL checkpoint."""
-
-
-def vlm_type(path: str) -> str | None:
-    """The Qwen-VL model_type of a checkpoint folder, or None when it is not one (the synthetic path)."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-    return model_type if model_type in VLM_TYPES else None
 
 
 def kept_count(cfg: TrainConfig, n: int, fraction: float | None = None) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed import World
+from .distributed import World, shard
 from .errors import UserError
 
 
@@ -273,8 +273,6 @@ def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance", fr
     sharded model's forward is a collective; a rank out of examples scores a stand-in batch with weight 0) and
     the sums are all-reduced: one host sync per evaluation besides each batch's generated tokens (read to score the
     answers). Random selection draws from a generator seeded by (cfg.seed, the batch's first example)."""
-    from .evaluation import shard
-
     was_training = model.training
     model.eval()
     count = min(cfg.eval_size, len(source))

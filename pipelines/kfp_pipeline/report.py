@@ -10,29 +10,12 @@ import base64
 import html
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-QUESTION = {"SHAPE?": "Which shape is the {colour} object?", "WHERE?": "Where is the {colour} object?"}
-
-
-@dataclass
-class Row:
-    image: np.ndarray  # [H,W,3] uint8
-    qtype: str  # SHAPE? | WHERE?
-    colour: str
-    relevance: np.ndarray  # [G,G] blended r in [0,1]
-    tokens: np.ndarray  # [G,G] visual tokens per cell (0 outside the selection)
-    truth: np.ndarray | None  # [G,G] ground-truth relevance, None for image-folder images
-    answer: str | None  # the true answer, None without ground truth
-    predicted: str
-    label: str  # e.g. "eval scene 3" or the file name
-
-    @property
-    def question(self) -> str:
-        return QUESTION.get(self.qtype, "{colour} " + self.qtype).format(colour=self.colour)
-
+if TYPE_CHECKING:
+    from trainer.task import Example
 
 def _fixed(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
@@ -48,7 +31,7 @@ def _overlay(ax, image: np.ndarray, cells: np.ndarray, cmap: str, vmax: float, t
     ax.set_title(title, fontsize=9)
 
 
-def row_png(row: Row, dpi: int = 72) -> bytes:
+def row_png(row: Example, dpi: int = 72) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")  # no display in a pipeline pod or under kfp.local
@@ -156,10 +139,10 @@ def budget_curve_section(curve: Mapping) -> str:
 
 
 def html_report(metrics: Mapping[str, float], baseline: Mapping[str, float], tensions: Mapping[str, float],
-                facts: Mapping[str, object], scene_rows: Sequence[Row], folder_rows: Sequence[Row],
+                facts: Mapping[str, object], scene_rows: Sequence[Example], folder_rows: Sequence[Example],
                 curves: Mapping[str, list] | None = None, budget_curve: Mapping | None = None) -> str:
     """The whole page; every picture is embedded (the KFP UI shows an HTML artifact as a single file)."""
-    def figures(rows: Sequence[Row]) -> str:
+    def figures(rows: Sequence[Example]) -> str:
         out = []
         for row in rows:
             data = base64.b64encode(row_png(row)).decode("ascii")
