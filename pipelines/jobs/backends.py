@@ -1,8 +1,9 @@
 """Where a PyTorchJob runs: one interface, one result type, one failure type, two backends.
 
-In the spirit of kubeflow/sdk's TrainerClient (a thin client over backend classes), the caller picks where a job
-runs and never how it is built or followed: the pipeline's train step, `arrcoc pytorchjob run` and the local
-Katib sweep all hand a manifest from pipelines/jobs/pytorchjob.py to `backend_for(where).run(...)`.
+In the spirit of kubeflow/sdk (backends/base.py holds the interface, each backend its own module, the client the
+factory), the caller picks where a job runs and never how it is built or followed: the pipeline's train step,
+`arrcoc pytorchjob run` and the local Katib sweep hand a manifest from pipelines/jobs/pytorchjob.py to
+`backend_for(where).run(...)` (pipelines/jobs/client.py).
 
 - "local": pipelines/jobs/local.py, LocalBackend (replicas as processes on this machine, with the operator's
   env contract and restart rules).
@@ -90,15 +91,3 @@ class ClusterOptions:
     delete: str = "on-success"
     poll_interval: float = 15.0
     step_mounts: Mapping[str, str] = field(default_factory=dict)
-
-
-def backend_for(where: str, cluster: ClusterOptions | None = None) -> JobBackend:
-    if where == "local":
-        from pipelines.jobs.local import LocalBackend
-
-        return LocalBackend()
-    if where == "cluster":
-        from pipelines.jobs.cluster import ClusterBackend
-
-        return ClusterBackend(cluster or ClusterOptions())
-    raise BackendError(f"backend={where!r} is not one of {', '.join(BACKENDS)}")

@@ -72,7 +72,8 @@ def run_training(*, backend: str, run_id: str, train_dir: str, eval_dir: str, ad
     job_dir receives pytorchjob.yaml, master.log and metrics.json. workdir is where the job backend keeps
     its logs (and, locally, the job's volumes); default: a sibling of adapter_dir.
     """
-    from pipelines.jobs.backends import ClusterOptions, JobFailed, backend_for
+    from pipelines.jobs.backends import ClusterOptions, JobFailed
+    from pipelines.jobs.client import backend_for
     from pipelines.jobs.cluster import DELETE_POLICIES
     from pipelines.jobs.pytorchjob import CHECKPOINT_MOUNT, CHECKPOINT_VOLUME, build_pytorchjob, to_manifest, to_yaml
 
