@@ -287,9 +287,8 @@ def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance", fr
         chunk = chunk if len(chunk) else np.zeros(1, dtype=np.int64)
         batch = source.batch(chunk)
         seed = int(np.random.SeedSequence([cfg.seed, int(chunk[0])]).generate_state(1)[0])
-        answers, seq = model.generate(batch, selection, fraction, torch.Generator().manual_seed(seed))
-        loss = model(batch, selection=selection, fraction=fraction, generator=torch.Generator().manual_seed(seed))
-        device[4] += weight * len(answers) * loss["lm_loss"].detach().double()
+        answers, seq, lm_loss = model.score(batch, selection, fraction, seed)
+        device[4] += weight * len(answers) * lm_loss.double()
         for i, predicted in enumerate(answers):
             host[0] += weight * soft_accuracy(predicted, batch["answers"][i])
             reading = seq["readings"][i]
@@ -297,9 +296,8 @@ def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance", fr
             if reading.full is not None:
                 device[5] += weight * reading.full
                 device[6] += weight * reading.coarse
-            truth = batch["truth"][i]
-            if truth is not None:
-                truth = truth.to(model.device, non_blocking=True)
+            if batch["boxed"][i]:
+                truth = batch["truth"][i, :batch["visual_counts"][i]].to(model.device, non_blocking=True)
                 truth = truth / truth.sum().clamp_min(1e-8)
                 device[1] += weight * torch.minimum(reading.share(len(truth)), truth).sum()
                 host[2] += weight
