@@ -389,11 +389,11 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
             return 128 + int(signum)
     bar.close()
     curves.close()
+    elapsed = time.perf_counter() - began  # the loop's rate: first step to last, evaluations and checkpoints in it
 
     # The loop evaluated and checkpointed at the last step (or a finished run was resumed: nothing to redo).
     adapter = save_adapter(task, model, cfg, out, world, history)
     if world.is_main:
-        elapsed = time.perf_counter() - began
         rate = samples / elapsed if samples else 0.0
         print(f"adapter: {adapter}\nmetrics: {out / 'metrics.json'}\nthroughput: {rate:.1f} samples/s",
               file=sys.stderr, flush=True)

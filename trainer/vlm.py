@@ -1,22 +1,7 @@
-"""ARR-COC in front of a Qwen-VL: the adapter picks which of the VLM's own merged visual tokens its LM reads.
+"""ARR-COC in front of a Qwen-VL: the adapter picks which of the VLM's own merged visual tokens its language model
+reads, and at which level of detail (2x2 regions in full, coarse or not at all), each at its own M-RoPE position.
 
-Per image and question:
-  frozen vision tower -> merged visual tokens on an (h, w) grid (get_image_features)
-  texture array / entropy / Sobel salience on the same grid -> P, S; Q from the visual tokens and the question
-  -> r = c*(P+S)/2 + (1-c)*Q -> spend a budget of K tokens (K = --token-budget, or --token-fraction of n) over
-     2x2 regions of the grid, most relevant first (Gumbel noise on the region logits while training): the top
-     regions at full detail (all their tokens), the next coarse (one token, their mean), the rest not at all;
-     focus_vs_diversify f is the share of K spent at full detail (lod_allocation)
-  -> every token times the straight-through gate 1 + r - stopgrad(r), then pooled per read token, each read
-     token at its own M-RoPE position (a coarse one at its region's top-left token's)
-  -> LoRA'd language model reads [vision_start, read tokens, vision_end, question, answer].
-
-Positions come from the model's own get_rope_index over the full sequence (every image placeholder), and the
-unread tokens' columns are removed: the LM sees each read token where the full image would have put it
-(transformers models/qwen2_vl/modeling_qwen2_vl.py Qwen2VLModel.get_rope_index; the text model takes
-inputs_embeds and 3-row position_ids). Qwen3-VL's deepstack features are gathered the same way and passed as
-visual_pos_masks / deepstack_visual_embeds (models/qwen3_vl/modeling_qwen3_vl.py Qwen3VLTextModel.forward),
-pooled per read token like the visual tokens.
+The walk from image and question to the LM's input, and the transformers code it follows: docs/vlm.md.
 """
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""Image-question-answer data for the Qwen-VL path: the JSONL format, its checks, and VQA scoring.
-
-One example per line: `image` (a path relative to the JSONL file), `question`, `answers` (a list of strings;
-VQAv2's ten annotator answers fit) and optional `boxes` (`[x0, y0, x1, y1]` pixel boxes of the regions the
-question is about; they give the ground-truth relevance grid). Bad examples (missing or corrupt image, empty
-question, no answers, a box outside the image, a line that is not a JSON object) are counted per file and
-skipped; more than `max_bad_fraction` of them stops the run with one line.
-
-Scoring is the standard VQA one (the official VQA evaluation script's answer normalization and
-min(#annotators who gave the answer / 3, 1) soft accuracy).
-"""
+"""Image-question-answer data for the Qwen-VL path: the JSONL format and its checks, the standard VQA scoring, the
+evaluation and the accuracy vs visual-token budget curve. The format and what counts as a bad example:
+docs/vlm.md ("The data format")."""
 from __future__ import annotations
 
 import json

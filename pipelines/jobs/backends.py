@@ -1,16 +1,7 @@
-"""Where a PyTorchJob runs: one interface, one result type, one failure type, two backends.
-
-In the spirit of kubeflow/sdk (backends/base.py holds the interface, each backend its own module, the client the
-factory), the caller picks where a job runs and never how it is built or followed: the pipeline's train step,
-`arrcoc pytorchjob run` and the local Katib sweep hand a manifest from pipelines/jobs/pytorchjob.py to
-`backend_for(where).run(...)` (pipelines/jobs/client.py).
-
-- "local": pipelines/jobs/local.py, LocalBackend (replicas as processes on this machine, with the operator's
-  env contract and restart rules).
-- "cluster": pipelines/jobs/cluster.py, ClusterBackend (kubeflow-training's TrainingClient against the API server).
-
-`run` returns a JobResult when the job Succeeded and raises JobFailed (carrying the same JobResult, with the
-Failed condition) for everything else: a failed job, a deadline, a rejected or unreachable API, a cancelled step.
+"""Where a PyTorchJob runs: the backend interface, its result and its failure. The backends live in
+pipelines/jobs/local.py (replicas as processes, the operator's env contract and restart rules) and
+pipelines/jobs/cluster.py (kubeflow-training's TrainingClient); callers pick one with pipelines/jobs/client.py's
+backend_for, as kubeflow/sdk separates backends/base.py, the backends and the client (docs/pytorchjob.md).
 """
 from __future__ import annotations
 

@@ -1,14 +1,7 @@
-"""`arrcoc pipeline upload|run|schedule|unschedule|list`: day-to-day KFP operations, each safe to repeat.
-
-Everything goes through kfp.Client. Where to find KFP: --host, else $KFP_HOST, else --port-forward
-(kubectl port-forward to the KFP UI service, which proxies the API). Token: --token-file, else
-$KFP_TOKEN. Team namespace (multi-user KFP): --namespace, else $KFP_NAMESPACE; pipelines, experiments
-and schedules are looked up and created there.
-
-The pipeline has two compiled variants, for teams without and with a data bucket: each command takes the
-team's (--team, else the namespace: kustomize/overlays/<team>'s team-config), and refuses the other one.
-Repeating a command changes nothing that is already as asked (docs/operations.md); every input is read and
-checked before the first request.
+"""`arrcoc pipeline upload|run|schedule|unschedule|list`: day-to-day KFP operations through kfp.Client, each safe
+to repeat, every input checked before the first request. upload, run and schedule take the team's pipeline
+variant (--team, else the namespace; its overlay's team-config says whether it has a data bucket) and refuse the
+other one. Where KFP is, the token, the namespace, and what repeating a command does: docs/operations.md.
 """
 from __future__ import annotations
 
