@@ -1,6 +1,6 @@
 """The trainer's step on a GPU: samples/s, tokens/s, model FLOPs utilization, peak memory, and scaling.
 
-It times the trainer's own code (build_task, build_optimization, the DataLoader, train_step), not a copy.
+It times the trainer's own code (build_run, build_optimization, the DataLoader, train_step), not a copy.
 
     make bench-gpu                                  # every GPU of the node (torchrun), or the CPU path
     .venv/bin/python bench/gpu_step.py --precision bf16 --batch-size 32 --base-model Qwen/Qwen2.5-0.5B
@@ -35,7 +35,7 @@ from trainer.config import PRECISIONS, STRATEGIES, TrainConfig  # noqa: E402
 from trainer.distributed import World, barrier, init_world, shutdown  # noqa: E402
 from trainer.files import write_json_atomic  # noqa: E402
 from trainer.model import cells_selected  # noqa: E402
-from trainer.train import build_optimization, build_task, train_loader, train_step  # noqa: E402
+from trainer.train import build_optimization, build_run, train_loader, train_step  # noqa: E402
 
 # Dense TFLOPS per GPU from the vendors' datasheets (bf16 tensor core; fp32 without TF32), by name substring.
 PEAK_TFLOPS = {
@@ -65,13 +65,12 @@ def lm_weights(model) -> tuple[int, int]:
 
 
 def time_steps(cfg: TrainConfig, world: World, warmup: int, steps: int) -> dict:
-    task = build_task(cfg, world)
-    model = task.model
+    _, model, parts = build_run(cfg, world)
     frozen, trainable = lm_weights(model)
     engine, optimizer, scheduler = build_optimization(model, cfg, world)
     if cfg.compile:
         model.compile()
-    batches = iter(train_loader(task, cfg, world, 0))
+    batches = iter(train_loader(parts, cfg, world, 0))
     sync = torch.cuda.synchronize if world.device.type == "cuda" else (lambda: None)
     if world.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(world.device)

@@ -20,7 +20,7 @@ from common import markdown_table
 
 from trainer.config import TrainConfig
 from trainer.distributed import World
-from trainer.train import build_optimization, build_task, train_loader, train_step
+from trainer.train import build_optimization, build_run, train_loader, train_step
 
 
 def main() -> None:
@@ -31,15 +31,14 @@ def main() -> None:
     world = World()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(out=tmp, eval_size=32)
-        task = build_task(cfg, world)
-        batches = iter(train_loader(task, cfg, world, 0))
+        _, model, parts = build_run(cfg, world)
+        batches = iter(train_loader(parts, cfg, world, 0))
         next(batches)  # workers started
         began = time.perf_counter()
         held = [next(batches) for _ in range(args.batches)]
         loader_rate = args.batches * cfg.batch_size / (time.perf_counter() - began)
         del batches
 
-        model = task.model
         engine, optimizer, scheduler = build_optimization(model, cfg, world)
         generator = torch.Generator().manual_seed(0)
         train_step(engine, model, optimizer, scheduler, [held[0]], [model.training_noise(held[0], generator)],

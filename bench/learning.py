@@ -12,14 +12,13 @@ import torch
 from common import markdown_table, train_quietly
 
 from trainer.config import TrainConfig
-from trainer.evaluation import eval_source, evaluate
-from trainer.model import ArrCoc
+from trainer.scene_task import SceneTask
 
 
 def baseline(cfg: TrainConfig, random_allocation: bool) -> float:
     torch.manual_seed(cfg.seed)
-    model = ArrCoc(cfg)
-    return evaluate(model, cfg, eval_source(cfg), torch.device("cpu"), random_allocation)["relevance_score"]
+    model = SceneTask().build_model(cfg)
+    return SceneTask().evaluate(model, cfg, random_allocation)["relevance_score"]
 
 
 def main() -> None:

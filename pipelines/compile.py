@@ -1,6 +1,7 @@
 """`arrcoc compile`: regenerate every generated file kept in git.
 
-- pipelines/kfp_pipeline/compiled/*.yaml: the compiled pipeline(s), the files users upload in the KFP UI;
+- pipelines/kfp_pipeline/compiled/*.yaml: the compiled pipeline, one file per variant (without and with the team's
+  data bucket, pipelines/kfp_pipeline/variants.py), the files users upload in the KFP UI;
 - katib/base/experiment.yaml below its marker line: the trial template's PyTorchJob (pipelines/sweeps/trial_spec.py);
 - katib/overlays/<team>/wired/from-team-config.yaml: the team's trial settings, from its team-config;
 - pipelines/jobs/examples/*.yaml: example PyTorchJobs, rendered by `arrcoc pytorchjob render` with EXAMPLES' arguments.
@@ -19,9 +20,8 @@ from typing import Any
 
 import yaml
 
-COMPILED_DIR = Path(__file__).parent / "kfp_pipeline" / "compiled"
-# file name -> "module:function" of a @dsl.pipeline; one line per pipeline we ship.
-PIPELINES = {"arrcoc_train.yaml": "pipelines.kfp_pipeline.pipeline:arrcoc_train"}
+from pipelines.kfp_pipeline.variants import COMPILED_DIR, VARIANTS, compiled_file
+
 EXAMPLES_DIR = Path(__file__).parent / "jobs" / "examples"
 # file name -> `arrcoc pytorchjob render` arguments (without -o).
 EXAMPLES = {
@@ -34,22 +34,19 @@ EXAMPLES = {
 VOLATILE = ("sdkVersion",)
 
 
-def _pipeline(ref: str):
-    import importlib
-
-    module, name = ref.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def compile_to(path: Path, ref: str) -> Path:
-    """Compile into a temporary file beside `path`, then rename: a reader never sees half a pipeline."""
+def compile_to(directory: Path, data_bucket: bool) -> Path:
+    """Compile one variant into its file in `directory`, through a temporary file beside it and a rename: a reader
+    never sees half a pipeline."""
     from kfp import compiler
 
+    from pipelines.kfp_pipeline.pipeline import build_pipeline
+
+    path = compiled_file(data_bucket, Path(directory))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp.yaml")  # kfp wants .yaml
     os.close(fd)
     try:
-        compiler.Compiler().compile(_pipeline(ref), tmp)
+        compiler.Compiler().compile(build_pipeline(data_bucket), tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the file is for everyone who checks out the repo
         os.replace(tmp, path)
     finally:
@@ -79,10 +76,9 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.sweeps import trial_spec
     from trainer.files import write_text_atomic
 
-    out = Path(args.out_dir)
-    for name, ref in PIPELINES.items():
-        path = compile_to(out / name, ref)
-        print(f"compiled {ref} -> {path}")
+    for data_bucket in VARIANTS:
+        path = compile_to(Path(args.out_dir), data_bucket)
+        print(f"compiled the pipeline {'with' if data_bucket else 'without'} the team's data bucket -> {path}")
     if args.pipelines_only:
         return 0
     experiment = trial_spec.EXPERIMENT

@@ -285,7 +285,8 @@ def test_the_example_runs_as_a_two_replica_job_of_the_real_trainer(tmp_path: Pat
 def test_local_backend_returns_the_one_result_type_or_raises_the_one_failure_type(tmp_path: Path) -> None:
     """The job backend interface (pipelines/jobs/backends.py) over this runner: what the train step, the CLI and
     the sweep see, the same types the cluster backend gives them."""
-    from pipelines.jobs.backends import JobFailed, JobResult, backend_for
+    from pipelines.jobs.backends import JobFailed, JobResult
+    from pipelines.jobs.client import backend_for
 
     local = backend_for("local")
     good = manifest(PRINT_ENV, workers=1)

@@ -61,8 +61,9 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pipelines_dir: Pa
         monkeypatch.delenv(name, raising=False)
     # kfp.Client reads a namespace from ~/.config/kfp/context.json; this machine's must not leak in
     monkeypatch.setattr(kfp_client_module.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "kfp-context.json"))
-    # schedules that name no pipeline follow "the compiled pipeline": here, the tiny one
-    monkeypatch.setattr(kfp_operations, "COMPILED", pipelines_dir / "tiny.yaml")
+    # the team's pipeline variant (from its team-config: tests/test_pipeline_variants.py): here, the tiny one
+    monkeypatch.setattr(kfp_operations, "team_pipeline", lambda args: kfp_operations.TeamPipeline(
+        NS, "", "tiny-train", pipelines_dir / "tiny.yaml"))
 
 
 @pytest.fixture
@@ -431,14 +432,6 @@ def test_the_shipped_schedules_pass_a_dry_run(arrcoc: Cli) -> None:
     """Every file in pipelines/ops/schedules/ parses, has a valid cron, and fits the compiled pipeline's parameters."""
     out = _ok(arrcoc("schedule", "--from", str(kfp_operations.SCHEDULES), "--dry-run"))
     assert 'nightly-train: cron "0 0 2 * * *" -> tiny-train@latest' in out
-
-
-def test_the_shipped_schedules_fit_the_real_compiled_pipeline(monkeypatch: pytest.MonkeyPatch, arrcoc: Cli) -> None:
-    real = Path(kfp_operations.__file__).parents[1] / "kfp_pipeline" / "compiled" / "arrcoc_train.yaml"
-    if not real.is_file():
-        pytest.skip(f"{real} is not compiled yet (make compile)")
-    monkeypatch.setattr(kfp_operations, "COMPILED", real)
-    _ok(arrcoc("schedule", "--from", str(kfp_operations.SCHEDULES), "--dry-run"))
 
 
 # ------------------------------------------------------------------ unschedule and list

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -11,12 +12,15 @@ import pytest
 
 from pipelines.jobs.backends import JobFailed
 from pipelines.jobs.team_config import ENV_NAMES, TeamConfig
-from pipelines.kfp_pipeline.report import Row, html_report, markdown_summary
-from pipelines.kfp_pipeline.steps.prepare_data import PrepareError, prepare, read_folder
+from pipelines.kfp_pipeline.report import html_report, markdown_summary
+from pipelines.kfp_pipeline.steps.prepare_data import DataSource, PrepareError, prepare, read_folder
 from pipelines.kfp_pipeline.steps.register import register_model
-from pipelines.kfp_pipeline.steps.train import job_name_for, run_training, trainer_args
+from pipelines.kfp_pipeline.steps.train import job_name_for, run_training, team_knobs, trainer_args
+from trainer.config import TrainConfig
 from trainer.data import DATASET_KEYS, EVAL_OFFSET, generate, load_dataset
 from trainer.errors import UserError
+from trainer.knobs import PIPELINE_KNOBS
+from trainer.task import Example
 
 
 def _png(path, colour, size=(40, 30)):
@@ -57,13 +61,34 @@ def test_folder_without_readable_images_fails_and_writes_nothing(tmp_path):
     assert not (tmp_path / "t").exists() and not (tmp_path / "e").exists()
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: None, "neither 'synthetic' nor an existing image folder"),
-    (lambda p: p.mkdir(), r"no image files \(allowed: \.jpg, \.jpeg, \.png\)"),
+@pytest.mark.parametrize("text, kind, vqa", [
+    ("synthetic", "synthetic", False), ("vqa-synthetic", "vqa-synthetic", True),
+    ("vqav2:{tmp}", "vqav2", True), ("gqa:{tmp}", "gqa", True), ("{tmp}", "folder", False),
 ])
-def test_bad_sources_are_one_line_errors(tmp_path, make, message):
-    make(tmp_path / "src")
-    with pytest.raises(PrepareError, match=message):
+def test_a_data_source_is_parsed_once_into_a_typed_value(tmp_path, text, kind, vqa):
+    source = DataSource.parse(text.format(tmp=tmp_path))
+    assert (source.kind, source.vqa, str(source)) == (kind, vqa, text.format(tmp=tmp_path))
+    assert source.folder == (tmp_path if "{tmp}" in text else None)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{tmp}/nope", "source '{tmp}/nope' is neither a source name nor an existing folder; allowed: synthetic, "
+                   "vqa-synthetic, vqav2:DIR, gqa:DIR or an image folder"),
+    ("vqav2:{tmp}/nope", "source vqav2:{tmp}/nope: '{tmp}/nope' is not a folder"),
+    ("gqa:/data/gqa", "source gqa:/data/gqa: '/data/gqa' is not a folder (/data holds the team's dataBucket only "
+                      "when team-config sets it"),
+    ("coco:{tmp}", "source 'coco:{tmp}' is neither a source name nor an existing folder"),
+])
+def test_a_bad_source_is_one_line_naming_what_is_allowed(tmp_path, text, message):
+    with pytest.raises(PrepareError) as caught:
+        prepare(text.format(tmp=tmp_path), 0, 4, 2, tmp_path / "t", tmp_path / "e")
+    assert str(caught.value).startswith(message.format(tmp=tmp_path)) and "\n" not in str(caught.value)
+    assert not (tmp_path / "t").exists() and not (tmp_path / "e").exists()
+
+
+def test_an_image_folder_without_images_is_one_line(tmp_path):
+    (tmp_path / "src").mkdir()
+    with pytest.raises(PrepareError, match=r"no image files \(allowed: \.jpg, \.jpeg, \.png\)"):
         read_folder(tmp_path / "src")
 
 
@@ -83,11 +108,11 @@ def test_sizes_must_be_positive(tmp_path):
         prepare("synthetic", 0, 0, 3, tmp_path / "t", tmp_path / "e")
 
 
-def _row(truth: bool, label: str) -> Row:
+def _row(truth: bool, label: str) -> Example:
     rng = np.random.default_rng(0)
     tokens = np.zeros((8, 8))
     tokens[2:4, 3:5] = [[9, 6], [4, 2]]
-    return Row(image=rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), qtype="SHAPE?", colour="red",
+    return Example(image=rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), question="Which shape is the red object?",
                relevance=rng.random((8, 8)), tokens=tokens, truth=rng.random((8, 8)) if truth else None,
                answer="disk" if truth else None, predicted="disk", label=label)
 
@@ -131,13 +156,13 @@ def _adapter(tmp_path):
 
 def test_register_writes_adapter_and_card_whole(tmp_path):
     store = tmp_path / "store"
-    path = register_model(_adapter(tmp_path), store, "run-1", {"relevance_score": 0.7}, 0.4,
-                          {"train_data_artifact": "minio://x/train_data"})
+    path, markdown = register_model(_adapter(tmp_path), store, "run-1", {"relevance_score": 0.7}, 0.4,
+                                    {"train_data_artifact": "minio://x/train_data"})
     assert path == store / "run-1" and (path / "adapter" / "arrcoc_modules.pt").read_bytes() == b"weights"
     card = json.loads((path / "model_card.json").read_text())
     assert card["metrics"] == {"relevance_score": 0.7} and card["tensions"]["focus_vs_diversify"] == 0.5
     assert card["lineage"] == {"run_id": "run-1", "train_data_artifact": "minio://x/train_data"}
-    assert "run-1" in (path / "MODEL_CARD.md").read_text()
+    assert "run-1" in markdown and markdown == (path / "MODEL_CARD.md").read_text()  # the pipeline's card output
     retry = tmp_path / "retry"
     retry.mkdir()
     register_model(_adapter(retry), store, "run-1", {"relevance_score": 0.8}, 0.4, {})  # a retried step's entry wins
@@ -156,10 +181,51 @@ def test_job_names_are_dns_1035(run_id):
     assert re.fullmatch(r"[a-z][-a-z0-9]{0,19}", job_name_for(run_id))
 
 
-def test_trainer_args_use_trainer_flag_names():
-    assert trainer_args({"batch_size": 8, "focus_vs_diversify": 0.5}, "/c/r/data/train", "/c/r/data/eval") == [
-        "--batch-size", "8", "--focus-vs-diversify", "0.5", "--train-data", "/c/r/data/train",
-        "--eval-data", "/c/r/data/eval"]
+# A pipeline run's knobs at their defaults: "" where the team-config decides (trainer/knobs.py).
+RUN = replace(TrainConfig(), **{k.name: k.pipeline_default for k in PIPELINE_KNOBS})
+
+
+def test_trainer_args_are_the_runs_knobs_as_trainer_flags():
+    args = trainer_args(replace(RUN, batch_size=8, focus_vs_diversify=0.25, strategy="fsdp"), "/c/r/t", "/c/r/e")
+    assert args[-4:] == ["--train-data", "/c/r/t", "--eval-data", "/c/r/e"]
+    assert args[args.index("--batch-size") + 1] == "8" and args[args.index("--strategy") + 1] == "fsdp"
+    assert "--no-activation-checkpointing" in args  # an on/off knob is one flag
+    assert {a for a in args if a.startswith("--")} == {k.flag for k in PIPELINE_KNOBS if k.type is not bool} | {
+        "--no-activation-checkpointing", "--train-data", "--eval-data"}
+    from trainer.config import parse_config  # the trainer reads them back
+
+    cfg = parse_config([*args, "--precision", "fp32", "--base-model", "tiny"])  # "" knobs: the team-config fills them
+    assert (cfg.batch_size, cfg.focus_vs_diversify, cfg.strategy, cfg.eval_every) == (8, 0.25, "fsdp", RUN.eval_every)
+
+
+@pytest.mark.parametrize("team, strategy, precision, base_model", [
+    (TeamConfig.local_default(), "ddp", "fp32", "tiny"),
+    (replace(TeamConfig.local_default(), gpu_type="nvidia-l4", gpus_per_replica=1, base_model="/data/m"),
+     "ddp", "bf16", "/data/m"),
+    (replace(TeamConfig.local_default(), train_strategy="fsdp", train_precision="fp32"), "fsdp", "fp32", "tiny"),
+])
+def test_knobs_a_run_leaves_empty_come_from_the_team_config(team, strategy, precision, base_model):
+    assert (lambda k: (k.strategy, k.precision, k.base_model))(team_knobs(RUN, team)) == (strategy, precision,
+                                                                                           base_model)
+    chosen = replace(RUN, strategy="deepspeed", precision="bf16", base_model="other")
+    assert team_knobs(chosen, team) == chosen  # a run's own choice wins
+
+
+@pytest.mark.parametrize("bucket, data_bucket", [("vision-data", False), ("", True)])
+def test_a_run_of_the_other_teams_variant_fails_before_any_job(monkeypatch, tmp_path, bucket, data_bucket):
+    from types import SimpleNamespace
+
+    from pipelines.kfp_pipeline.steps.train import train_step
+
+    _cluster_env(monkeypatch, dataBucket=bucket)
+    artifact = SimpleNamespace(path=str(tmp_path / "x"), uri="x", metadata={})
+    with pytest.raises(UserError, match="arrcoc pipeline upload picks it") as caught:
+        train_step(artifact, artifact, artifact, artifact, RUN, backend="cluster", run_id="r1", image="i", workers=1,
+                   nproc_per_node="", checkpoint_pvc="checkpoints", timeout_minutes=5, delete_policy="always",
+                   data_bucket=data_bucket)
+    wanted = "arrcoc-train-data-bucket" if bucket else "arrcoc-train"
+    assert str(caught.value).endswith(f"run {wanted} (arrcoc pipeline upload picks it)")
+    assert not (tmp_path / "x").exists()
 
 
 def _cluster_env(monkeypatch, **changes):
@@ -178,7 +244,7 @@ def test_cluster_staging_needs_the_teams_pvc(monkeypatch, tmp_path, changes, pvc
     _cluster_env(monkeypatch, **changes)
     with pytest.raises(UserError, match=re.escape(message)):
         run_training(backend="cluster", run_id="r1", train_dir=str(tmp_path), eval_dir=str(tmp_path),
-                     adapter_dir=str(tmp_path / "a"), job_dir=str(tmp_path / "j"), params={}, checkpoint_pvc=pvc)
+                     adapter_dir=str(tmp_path / "a"), job_dir=str(tmp_path / "j"), knobs=RUN, checkpoint_pvc=pvc)
     assert not (tmp_path / "j").exists()
 
 
@@ -190,7 +256,7 @@ def test_cluster_staging_needs_the_teams_pvc(monkeypatch, tmp_path, changes, pvc
 def test_train_step_inputs_are_checked(tmp_path, kwargs, message):
     with pytest.raises(UserError, match=re.escape(message)):
         run_training(run_id="r1", train_dir=str(tmp_path), eval_dir=str(tmp_path), adapter_dir=str(tmp_path / "a"),
-                     job_dir=str(tmp_path / "j"), params={}, **kwargs)
+                     job_dir=str(tmp_path / "j"), knobs=RUN, **kwargs)
 
 
 def test_cluster_branch_stages_data_launches_one_job_and_collects_the_adapter(monkeypatch, tmp_path):
@@ -219,7 +285,7 @@ def test_cluster_branch_stages_data_launches_one_job_and_collects_the_adapter(mo
     monkeypatch.setattr(pipelines.jobs.cluster.ClusterBackend, "run", fake_run)
     metrics = run_training(backend="cluster", run_id="run-7", train_dir=str(tmp_path / "t"),
                            eval_dir=str(tmp_path / "e"), adapter_dir=str(tmp_path / "adapter"),
-                           job_dir=str(tmp_path / "job"), params={"steps": 3, "base_model": ""}, workers=2,
+                           job_dir=str(tmp_path / "job"), knobs=replace(RUN, steps=3), workers=2,
                            checkpoint_pvc="checkpoints", timeout_minutes=5, delete_policy="always")
     assert metrics["relevance_score"] == 0.5
     assert seen["timeout"] == 300 and seen["delete"] == "always"
@@ -244,7 +310,7 @@ def test_a_failed_local_job_fails_the_step_with_its_reason(tmp_path):
     with pytest.raises(JobFailed, match=reason):
         run_training(backend="local", run_id="r1", train_dir=str(tmp_path / "t"), eval_dir=str(tmp_path / "e"),
                      adapter_dir=str(tmp_path / "task" / "adapter"), job_dir=str(tmp_path / "task" / "job"),
-                     params={"steps": 0}, workers=0)
+                     knobs=replace(RUN, steps=0), workers=0)
     assert "steps=0" in (tmp_path / "task" / "job" / "master.log").read_text()
     assert not (tmp_path / "task" / "adapter").exists()
 
@@ -270,7 +336,7 @@ def test_gate_reads_the_chosen_metric_and_names_a_missing_one():
 
 
 def test_model_card_names_the_gate_metric(tmp_path):
-    path = register_model(_adapter(tmp_path), tmp_path / "store", "run-1", {"vqa_accuracy": 0.5}, 0.4, {},
+    path, _ = register_model(_adapter(tmp_path), tmp_path / "store", "run-1", {"vqa_accuracy": 0.5}, 0.4, {},
                           gate_metric="vqa_accuracy")
     assert json.loads((path / "model_card.json").read_text())["gate"] == {"metric": "vqa_accuracy", "threshold": 0.4}
     assert "Gate: vqa_accuracy >= 0.4." in (path / "MODEL_CARD.md").read_text()

@@ -1,4 +1,5 @@
-"""The whole pipeline under kfp.local (what `make demo` does), with tiny settings, and the gate both ways."""
+"""The whole pipeline under kfp.local (what `make demo` does), with tiny settings, both variants, and the gate both
+ways."""
 from __future__ import annotations
 
 import json
@@ -57,18 +58,34 @@ def test_report_and_metrics(passed):
     assert "passes the gate" in result.summary.read_text()
 
 
+def test_the_pipeline_outputs_are_the_runs_metrics_report_adapter_and_card(passed):
+    """kfp.local resolves the pipeline's declared outputs (the card through dsl.OneOf of the two gate branches)."""
+    _, result = passed
+    assert result.metrics.parent.parent == result.run_dir and result.metrics.parent.name == "evaluate"
+    assert result.adapter == result.run_dir / "train" / "adapter"
+    assert result.model_card == (result.registered / "MODEL_CARD.md").read_text()
+
+
+def test_a_single_evaluation_is_a_table_in_the_report(passed):
+    """TINY trains 3 steps and evaluates every 25 (the demo's setting): one evaluation, at the end."""
+    _, result = passed
+    page = result.report.read_text()
+    assert "Evaluation during training" in page and "<td>3</td>" in page
+
+
 def _ran(result) -> set[str]:
     return {p.name for p in result.run_dir.iterdir() if p.is_dir()}
 
 
-def test_without_a_data_bucket_the_plain_branch_runs(passed):
+def test_without_a_data_bucket_the_plain_variant_runs(passed):
     _, result = passed
-    assert _ran(result) == {"team-data-bucket", "prepare-data", "train", "evaluate", "register"}
+    assert result.pipeline == "arrcoc-train"
+    assert _ran(result) == {"prepare-data", "train", "evaluate", "register"}
 
 
-def test_gate_closed_registers_nothing_in_the_data_bucket_branch(tmp_path):
-    """A team-config with dataBucket sends the run down the branch whose prepare-data and evaluate mount the bucket
-    on a cluster (kfp.local ignores the mount); the replicas mount it inline either way."""
+def test_gate_closed_registers_nothing_in_the_data_bucket_variant(tmp_path):
+    """A team-config with dataBucket runs the variant whose prepare-data and evaluate mount the bucket on a cluster
+    (kfp.local ignores the mount); the replicas mount it inline either way."""
     from dataclasses import replace
 
     from pipelines.jobs.team_config import TeamConfig
@@ -78,8 +95,10 @@ def test_gate_closed_registers_nothing_in_the_data_bucket_branch(tmp_path):
     team_file.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "team-config"},
                                          "data": team.to_configmap_data()}))
     result = run_demo(tmp_path / "run", threshold=1.1, workers=0, team_config=str(team_file), **TINY)
-    assert _ran(result) == {"team-data-bucket", "prepare-data-2", "train-2", "evaluate-2"}
+    assert result.pipeline == "arrcoc-train-data-bucket"
+    assert _ran(result) == {"prepare-data", "train", "evaluate", "not-registered"}
     assert result.registered is None
+    assert result.model_card.startswith("Not registered: relevance_score ") and "threshold 1.1" in result.model_card
     assert not (tmp_path / "run" / "models").exists() or not any((tmp_path / "run" / "models").iterdir())
     master = yaml.safe_load((result.job_dir / "pytorchjob.yaml").read_text())["spec"]["pytorchReplicaSpecs"]["Master"]
     assert {"name": "data", "mountPath": "/data", "readOnly": True} in master["template"]["spec"]["containers"][0][

@@ -34,6 +34,7 @@ UPSTREAM = REPO.parent / "shared" / "upstream"
 MIRRORS = {"kubeflow-manifests.git": "https://github.com/kubeflow/manifests",
            "argo-workflows.git": "https://github.com/argoproj/argo-workflows"}
 PIPELINE = COMPILED / "arrcoc_train.yaml"
+BUCKET_PIPELINE = COMPILED / "arrcoc_train_data_bucket.yaml"  # the variant whose steps mount the data bucket
 
 
 @contextlib.contextmanager
@@ -191,9 +192,9 @@ def test_kfp_runs_the_bucket_steps_as_the_workload_identity_account(platform) ->
     docs = copy.deepcopy(docs)
     config = next(d for d in docs if d.kind == "ConfigMap" and d.name.startswith("pipeline-api-server-config"))
     config.obj["data"]["DEFAULTPIPELINERUNNERSERVICEACCOUNT"] = "pipeline-runner"
-    found = [str(f) for f in invariants.check_pipeline_bucket_mounts(docs, PIPELINE, "p")]
-    assert sorted(f.split(": ")[1] for f in found) == ["KfpExecutorPod//exec-evaluate-2",
-                                                       "KfpExecutorPod//exec-prepare-data-2"]
+    found = [str(f) for f in invariants.check_pipeline_bucket_mounts(docs, BUCKET_PIPELINE, "p")]
+    assert sorted(f.split(": ")[1] for f in found) == ["KfpExecutorPod//exec-evaluate",
+                                                       "KfpExecutorPod//exec-prepare-data"]
     assert all("'pipeline-runner'" in f and "Workload Identity" in f for f in found)
 
 

@@ -1,9 +1,12 @@
 """Bad input: one line naming the field and the allowed values, exit code 2, nothing written to OUT."""
 from __future__ import annotations
 
+import json
+import subprocess
+
 import pytest
 
-from tests.trainer_helpers import run_trainer
+from tests.trainer_helpers import REPO, clean_env, run_trainer, trainer_cmd
 from trainer.config import ConfigError, TrainConfig, load_yaml, parse_config
 
 BAD = [
@@ -42,6 +45,35 @@ def test_malformed_config_file(tmp_path, text, message):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
     assert str(path) in result.stderr
+    assert not out.exists()
+
+
+ACCEPTS = "it accepts tiny, a local checkpoint folder"
+
+
+def _vit_folder(path):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    return path
+
+
+@pytest.mark.parametrize("base_model, message", [
+    (lambda tmp: "/nonexistent", "--base-model '/nonexistent': no such folder"),
+    (lambda tmp: str(tmp), "is not a checkpoint folder (no config.json)"),
+    (lambda tmp: str(_vit_folder(tmp / "vit")), "a vit checkpoint is neither a causal LM nor a Qwen-VL"),
+    (lambda tmp: "someone/not-cached", "--base-model 'someone/not-cached': cannot load its config"),
+])
+def test_a_base_model_that_is_none_of_the_accepted_kinds(tmp_path, base_model, message):
+    """`arrcoc train` as a new user runs it: the task is picked from --base-model, which is where a bad value is
+    caught (before any Hugging Face traceback, and before --out is written)."""
+    out = tmp_path / "out"
+    result = subprocess.run([*trainer_cmd()[:1], "-m", "pipelines.cli", "train", "--base-model", base_model(tmp_path),
+                             "--out", str(out)], cwd=REPO, env=clean_env(HF_HUB_OFFLINE="1"), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and ACCEPTS in lines[0], result.stderr
+    assert lines[0].startswith("arrcoc train: error: --base-model")
     assert not out.exists()
 
 

@@ -28,8 +28,8 @@ from trainer import data
 from trainer.config import TrainConfig
 from trainer.data import SceneDataset, SceneSource, ShardSampler
 from trainer.distributed import World
-from trainer.evaluation import batch_sums
 from trainer.model import ArrCoc
+from trainer.scene_task import batch_sums
 from trainer.train import build_optimization, lr_lambda, train_step
 
 
@@ -286,7 +286,8 @@ def test_the_pipeline_report_draws_the_runs_loss_and_eval_curves(tmp_path):
 def test_every_rank_runs_the_same_number_of_eval_forwards_when_the_eval_set_does_not_split_evenly():
     """5 eval samples, batch 1, 2 ranks: rank 1 has 2 samples but must run 3 forwards (each is a collective under
     FSDP); its third batch is a stand-in with weight 0, so every sample is counted exactly once."""
-    from trainer.evaluation import batches_per_rank, eval_source, load_eval_batches, shard
+    from trainer.distributed import shard
+    from trainer.scene_task import batches_per_rank, eval_source, load_eval_batches
 
     cfg = TrainConfig(eval_size=5, batch_size=1).validate()
     counted = []

@@ -22,7 +22,8 @@ from pipelines.validation.schemas import SchemaSet, strict
 from tests.bucket_overlay import write_bucket_overlay
 
 FIXTURES = Path(__file__).parent / "fixtures" / "validate"
-COMPILED = REPO / "pipelines" / "kfp_pipeline" / "compiled" / "arrcoc_train.yaml"
+# the pipeline variant for teams with a data bucket: its prepare-data and evaluate mount it
+COMPILED = REPO / "pipelines" / "kfp_pipeline" / "compiled" / "arrcoc_train_data_bucket.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -408,13 +409,13 @@ def test_a_step_mounting_the_bucket_without_the_sidecar_annotations_is_caught(sc
     spec, platform = yaml.safe_load_all(COMPILED.read_text())
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     mounting = [name for name, e in executors.items() if any(m["mountPath"] == "/data" for m in e.get("pvcMount", []))]
-    assert sorted(mounting) == ["exec-evaluate-2", "exec-prepare-data-2"]
-    del executors["exec-prepare-data-2"]["podMetadata"]["annotations"][dropped]
-    broken = tmp_path / "arrcoc_train.yaml"
+    assert sorted(mounting) == ["exec-evaluate", "exec-prepare-data"]
+    del executors["exec-prepare-data"]["podMetadata"]["annotations"][dropped]
+    broken = tmp_path / "arrcoc_train_data_bucket.yaml"
     broken.write_text(yaml.safe_dump_all([spec, platform]))
     findings = [str(f) for f in check(copy.deepcopy(bucket_team), schemas, [broken]) if not f.warning]
     assert len(findings) == 1, findings
-    assert f'KfpExecutorPod//exec-prepare-data-2: podMetadata.annotations["{dropped}"]: must be' in findings[0]
+    assert f'KfpExecutorPod//exec-prepare-data: podMetadata.annotations["{dropped}"]: must be' in findings[0]
     assert "GCS FUSE sidecar" in findings[0]
 
 

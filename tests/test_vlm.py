@@ -25,8 +25,9 @@ from trainer_helpers import (
 )
 
 from trainer.config import TrainConfig
+from trainer.tasks import task_for
 from trainer.tiny_vlm import FAMILIES, build_tiny_vlm
-from trainer.vlm import ArrCocVLM, kept_count, lod_allocation, lod_count, region_members, vlm_type
+from trainer.vlm import ArrCocVLM, kept_count, lod_allocation, lod_allocations, lod_count, region_members
 from trainer.vqa import (
     VqaSource,
     budget_curve,
@@ -56,23 +57,29 @@ def cfg_for(world, family="qwen2_vl", **kw):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradients_reach_scorers_and_lm_lora_only(world, family):
-    cfg = cfg_for(world, family)
-    assert vlm_type(cfg.base_model) == family
+    cfg = cfg_for(world, family, aux_weight=0.0)  # the LM's gradient alone
+    assert task_for(cfg).name == "vqa"
     torch.manual_seed(0)
     model = ArrCocVLM(cfg)
     batch = VqaSource(cfg.train_data, model.collate, cfg.max_bad_fraction).batch(range(4))
+    scored = []  # Q [images, n] as the scorer returns it; r = c*(P+S)/2 + (1-c)*Q passes its gradient on to Q
+
+    def keep(_module, _inputs, q):
+        q.retain_grad()
+        scored.append(q)
+
+    model.participatory.register_forward_hook(keep)
     out = model(batch)
-    for r in out["relevance"]:
-        r.retain_grad()
     out["loss"].backward()
+    (q,) = scored
     # the gate multiplies every token before pooling: tokens read at full detail and those pooled into a coarse
     # token both pass the LM's gradient to r; unread tokens get none
-    for r, reading in zip(out["relevance"], out["readings"]):
+    for grad, reading in zip(q.grad, out["readings"]):
         assert int(reading.full) > 0 and int(reading.coarse) > 0
         full = reading.group[reading.weight[:, 1] == 0, 0]
         coarse = reading.group[reading.weight[:, 1] > 0].flatten()
-        unread = reading.share(len(r)) == 0
-        assert (r.grad[full] != 0).all() and (r.grad[coarse] != 0).all() and (r.grad[unread] == 0).all()
+        unread = reading.share(len(grad)) == 0
+        assert (grad[full] != 0).all() and (grad[coarse] != 0).all() and (grad[unread] == 0).all()
     named = dict(model.named_parameters())
     trainable = {n for n, p in named.items() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("participatory.") for n in trainable)
@@ -97,7 +104,7 @@ def test_all_tokens_reproduce_the_vlms_own_forward(world, family):
     model = ArrCocVLM(cfg).eval()
     batch = VqaSource(cfg.eval_data, model.collate, cfg.max_bad_fraction).batch([0])
     with torch.no_grad():
-        seq = model._sequences(batch, True, None, "relevance", None, None)
+        seq = model._sequences(batch, model._encode(batch), True, None, "relevance", None, None)
         ours = model.base.lm_head(model.base.model.language_model(
             inputs_embeds=seq["inputs_embeds"], position_ids=seq["position_ids"],
             attention_mask=seq["attention_mask"], **seq["extra"]).last_hidden_state)
@@ -210,6 +217,57 @@ def test_lod_allocation_needs_no_host_sync():
     assert reading.anchor.device.type == "meta" and reading.count == 20
 
 
+def test_a_batch_of_images_is_allocated_as_each_image_alone():
+    """lod_allocations does a batch of images on one grid with one set of ops; image by image it gives the same
+    readings (while training, with each image's own noise)."""
+    r, noise = torch.rand(5, 64), torch.randn(5, 16)
+    batched = lod_allocations(r, (8, 8), 20, 0.4, noise)
+    for i in range(5):
+        alone = lod_allocation(r[i], (8, 8), 20, 0.4, noise[i])
+        for name in ("group", "weight", "anchor", "full", "coarse"):
+            assert torch.equal(getattr(batched[i], name), getattr(alone, name)), name
+    features = torch.randn(5, 64, 3)
+    assert torch.allclose(batched.pool(features), torch.stack([batched[i].pool(features[i]) for i in range(5)]))
+    assert torch.equal(batched.touched(64), torch.stack([batched[i].share(64) > 0 for i in range(5)]))
+
+
+def test_an_eval_batch_runs_the_vision_tower_once(world):
+    """evaluate_vqa's answers and answer loss read the same encoded batch: the vision tower, the costliest part of
+    this model, runs once per eval batch, and the loss is the training forward's on the same readings."""
+    cfg = cfg_for(world)
+    torch.manual_seed(0)
+    model = ArrCocVLM(cfg).eval()
+    calls = []
+    model.base.model.visual.register_forward_hook(lambda *_: calls.append(1))
+    batch = VqaSource(cfg.eval_data, model.collate, cfg.max_bad_fraction).batch(range(4))
+    answers, seq, loss = model.score(batch, "random", seed=7)
+    assert len(calls) == 1 and len(answers) == 4
+    with torch.no_grad():
+        again = model(batch, selection="random", generator=torch.Generator().manual_seed(7))
+    assert torch.equal(loss, again["lm_loss"])
+    assert all(torch.equal(a.anchor, b.anchor) for a, b in zip(seq["readings"], again["readings"]))
+
+
+def test_a_collated_batch_hands_few_tensors_to_the_loop(world):
+    """Under DataLoader workers every tensor of a batch crosses to the training process as shared memory of its
+    own (a file descriptor, a map, a cache entry each): the batch has one tensor per kind, not one per image."""
+    cfg = cfg_for(world)
+    model = ArrCocVLM(cfg)
+    batch = VqaSource(cfg.train_data, model.collate, cfg.max_bad_fraction).batch(range(8))
+
+    def tensors(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return 1
+        if isinstance(value, (list, tuple)):
+            return sum(tensors(v) for v in value)
+        return sum(tensors(v) for v in value.values()) if isinstance(value, dict) else 0
+
+    assert {key: tensors(value) for key, value in batch.items() if tensors(value)} == {
+        "pixel_values": 1, "image_grid_thw": 1, "input_ids": 1, "attention_mask": 1, "position_ids": 1,
+        "texture_images": 1, "truth": 1}  # 64x64 scenes: one image size, one texture batch
+    assert batch["truth"].shape == (8, 64) and all(batch["boxed"])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_coarse_tokens_are_region_means_at_their_top_left_position(world, family):
     """All coarse (f = 0, 16 of 64): read token j is the mean of its region's four merged tokens (and deepstack
@@ -218,7 +276,7 @@ def test_coarse_tokens_are_region_means_at_their_top_left_position(world, family
     model = ArrCocVLM(cfg).eval()
     batch = VqaSource(cfg.eval_data, model.collate, cfg.max_bad_fraction).batch([0])
     with torch.no_grad():
-        seq = model._sequences(batch, False, None, "relevance", None, None)
+        seq = model._sequences(batch, model._encode(batch), False, None, "relevance", None, None)
         vision = model.base.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
                                                      return_dict=True)
     members = region_members((8, 8))

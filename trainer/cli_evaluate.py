@@ -27,24 +27,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluation import eval_source, evaluate, report
+    from .evaluation import report
     from .files import write_json_atomic
-    from .model import AdapterError, ArrCoc
+    from .model import AdapterError
+    from .tasks import load_adapter, task_for
 
     if args.adapter:
         if not Path(args.adapter).is_dir():
             raise AdapterError(f"adapter {args.adapter}: not a directory")
         overrides = {k: getattr(args, k) for k in EVAL_OVERRIDES if getattr(args, k) is not None}
-        model = ArrCoc.from_adapter(Path(args.adapter), **overrides)
+        model, task = load_adapter(args.adapter, **overrides)
         cfg = model.cfg.validate()
     else:
-        from .vlm import ArrCocVLM, vlm_type
-
         cfg = config_from_args(args)
+        task = task_for(cfg)
         torch.manual_seed(cfg.seed)  # the trainer's step-0 initialisation
-        model = ArrCocVLM(cfg) if vlm_type(cfg.base_model) else ArrCoc(cfg)
-    metrics = evaluate(model, cfg, eval_source(cfg, model), torch.device("cpu"),
-                       random_allocation=args.random_allocation)
+        model = task.build_model(cfg)
+    metrics = task.evaluate(model, cfg, random_allocation=args.random_allocation)
     report(metrics)
     if args.json:
         write_json_atomic(Path(args.json), metrics)

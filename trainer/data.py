@@ -193,6 +193,9 @@ class ShardSampler(torch.utils.data.Sampler[int]):
 
 
 DATASET_KEYS = ("images", "queries", "answers", "relevance")
+# Optional arrays of an eval dataset: images without questions or ground truth (prepare-data's image folder), which
+# the evaluation report draws under every colour query.
+UNLABELED_KEYS = ("folder_images", "folder_names")
 
 
 def save_dataset(directory: str | Path, arrays: dict[str, np.ndarray], metadata: dict) -> Path:
@@ -218,6 +221,17 @@ def load_dataset(directory: str | Path) -> dict[str, np.ndarray]:
         raise DatasetError(f"dataset {path}: missing arrays {', '.join(missing)}; "
                            f"a training set needs {', '.join(DATASET_KEYS)}")
     return {k: arrays[k] for k in DATASET_KEYS}
+
+
+def load_unlabeled(directory: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """A prepared dataset's unlabeled images and their names (UNLABELED_KEYS), or None when it has none."""
+    try:
+        with np.load(Path(directory) / "scenes.npz") as data:
+            if not all(key in data.files for key in UNLABELED_KEYS) or not len(data[UNLABELED_KEYS[0]]):
+                return None
+            return data[UNLABELED_KEYS[0]], data[UNLABELED_KEYS[1]]
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"dataset {directory}: cannot read ({exc})") from None
 
 
 class DatasetError(UserError):

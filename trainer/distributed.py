@@ -11,6 +11,7 @@ import datetime
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -67,3 +68,8 @@ def barrier(world: World) -> None:
 def shutdown(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard(count: int, world: World) -> np.ndarray:
+    """This rank's contiguous share of samples 0..count-1 (shares differ by at most one sample)."""
+    return np.array_split(np.arange(count), world.world_size)[world.rank]

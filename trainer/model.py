@@ -286,22 +286,6 @@ class ArrCoc(TrainableState, nn.Module):
                 "selected": sel, "relevance": r, "prediction": answer_only.argmax(-1),
                 "answer_loss": F.cross_entropy(answer_logits, batch["answers"], reduction="none")}
 
-    @classmethod
-    def from_adapter(cls, directory: Path, **overrides) -> ArrCoc:
-        """Rebuild a saved adapter; overrides change evaluation settings only (eval_size, seed, eval_data)."""
-        directory = Path(directory)
-        try:
-            values = json.loads((directory / ADAPTER_CONFIG).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise AdapterError(f"adapter {directory}: no readable {ADAPTER_CONFIG} ({exc})") from None
-        cfg = TrainConfig(**{**values, **overrides})
-        from .vlm import ArrCocVLM, vlm_type
-
-        model = (ArrCocVLM if vlm_type(cfg.base_model) else cls)(cfg, adapter_dir=directory)
-        modules = torch.load(directory / ADAPTER_MODULES, map_location="cpu", weights_only=True)
-        model.load_state_dict(modules, strict=False)
-        return model
-
 
 ADAPTER_MODULES = "arrcoc_modules.pt"
 ADAPTER_CONFIG = "arrcoc_config.json"
@@ -309,19 +293,3 @@ ADAPTER_CONFIG = "arrcoc_config.json"
 
 class AdapterError(UserError):
     """A saved adapter folder that cannot be loaded: one line, exit code 2."""
-
-
-@torch.no_grad()
-def allocation_pictures(model: ArrCoc, scenes: dict) -> torch.Tensor:
-    """[N,3,H,2W] in [0,1]: each eval scene beside its allocation share, a heat map upsampled to the image."""
-    was_training = model.training
-    model.eval()
-    device = model.device
-    batch = {k: torch.as_tensor(v).to(device) for k, v in scenes.items()}
-    share = model(batch)["share"].float()
-    model.train(was_training)
-    images = batch["images"].permute(0, 3, 1, 2).float() / 255.0
-    g = model.cfg.grid
-    heat = share.reshape(-1, 1, g, g) / share.amax(dim=1).clamp_min(1e-8).view(-1, 1, 1, 1)
-    heat = F.interpolate(heat, size=images.shape[-2:], mode="nearest").expand(-1, 3, -1, -1)
-    return torch.cat([images, heat], dim=-1).cpu()

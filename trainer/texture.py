@@ -1,14 +1,7 @@
-"""The 13-channel texture array, pooled to the cell grid, in two implementations that must agree.
-
-Channels (per cell): 0-2 RGB, 3-5 CIELAB L*, a*, b* (scaled to ~[0,1]), 6-7 |Sobel gx|, |Sobel gy|,
-8-9 normalized y and x, 10 eccentricity from the centre, 11 local contrast (std of gray in the cell),
-12 saturation. Everything is per image: no batch statistics, so a cell's features never depend on
-what else is in the batch.
-
-- `texture_cv2`: one RGB uint8 image with opencv: the independent implementation the torch one is checked against.
-- `cell_features`: a batch with torch, for training; also returns the per-cell gray-level entropy and
-  edge magnitude that the fixed scorers read.
-"""
+"""The 13-channel texture array pooled to the cell grid (channels: docs/model.md), in two implementations that
+must agree: `texture_cv2` (opencv, one image: the independent oracle) and `cell_features` (torch, batched on the
+training device, with the per-cell entropy and edge magnitude the fixed scorers read). Everything is per image:
+a cell's features never depend on the rest of the batch."""
 from __future__ import annotations
 
 import math

@@ -1,13 +1,9 @@
 """The training loop, top to bottom: world, task (model, data, evaluation), optimizer, resume, loop, checkpoints.
 
-Preemption safety: SIGTERM/SIGINT only set a flag; every STOP_CHECK_EVERY optimizer steps the ranks agree
-(one all-reduce) whether any of them was asked to stop, rank 0 saves a checkpoint, and the process exits
-128+signal so that a PyTorchJob with restartPolicy ExitCode retries it. Every batch (a sampler position) and
-every Gumbel draw (a device generator seeded from (seed, step, rank, micro-batch)) is a function of the
-optimizer step, so a resumed run continues exactly where the interrupted one stopped.
-
-The loop knows nothing of scenes: `build_task` is the one place that decides which model, which training
-samples and which evaluation a run uses.
+Preemption: SIGTERM/SIGINT only set a flag; the ranks agree every STOP_CHECK_EVERY steps whether to stop, rank 0
+saves a checkpoint, and the process exits 128+signal (restartPolicy ExitCode retries it). Every batch and every
+Gumbel draw is a function of (seed, step, rank), so a resumed run continues exactly (docs/preemption.md). The
+loop never asks which model family it trains: trainer/tasks.py picks the task, the task provides the rest.
 """
 from __future__ import annotations
 
@@ -19,26 +15,23 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import checkpoint
 from .config import ConfigError, TrainConfig
 from .curves import TRAINING_CURVES, Curves
-from .data import SceneDataset, SceneSource, ShardSampler, collate, quiet_worker
+from .data import ShardSampler, quiet_worker
 from .distributed import World, any_rank, barrier, init_world, shutdown
-from .evaluation import batches_per_rank, eval_source, load_eval_batches, report, score, shard, write_metrics
+from .evaluation import report, write_metrics
 from .files import replace_dir, write_json_atomic
-from .model import ArrCoc, allocation_pictures
-from .vlm import ArrCocVLM, vlm_type
-from .vqa import VqaDataset, VqaSource, budget_curve, evaluate_vqa, write_budget_curve
+from .task import RunParts, Task
+from .tasks import task_for
 
 DEFAULT_DEEPSPEED_CONFIG = Path(__file__).with_name("ds_zero2.json")
 # 128 + SIGHUP: this replica lost its peers (a collective broke because another replica died). It is in
@@ -55,57 +48,13 @@ STOP_CHECK_EVERY = 4
 PREFETCH_BATCHES = 4
 
 
-@dataclass
-class Task:
-    """What a run trains and how it is scored; everything the loop needs from the model/data side."""
-
-    model: torch.nn.Module  # forward(batch, noise=...) -> {"loss", ...}; training_noise(batch, generator)
-    train_data: Dataset  # map-style, one dict of tensors per index
-    collate: Callable
-    evaluate: Callable[[torch.nn.Module], dict[str, float]]  # all ranks call it; every rank gets the means
-    pictures: Callable[[torch.nn.Module], torch.Tensor | None]  # [N,3,H,W] in [0,1] for TensorBoard, rank 0
-    finish: Callable[[torch.nn.Module, Path], None] | None = None  # all ranks, after the last step of a run
-
-
-def build_task(cfg: TrainConfig, world: World) -> Task:
-    """The model, the training samples and the evaluation of a run (another kind of model or data: one more
-    branch here). Every input is read here, before the run writes anything, so bad input leaves --out as it was."""
+def build_run(cfg: TrainConfig, world: World) -> tuple[Task, torch.nn.Module, RunParts]:
+    """The task --base-model picks, its model on this rank's device, and the run's data and evaluation. Every input
+    is read here, before the run writes anything, so bad input leaves --out as it was."""
+    task = task_for(cfg)
     torch.manual_seed(cfg.seed)  # the trainable modules start identical on every rank
-    model = new_model(cfg).to(world.device)
-    if isinstance(model, ArrCocVLM):
-        return _vqa_task(cfg, world, model)
-    train_data = SceneDataset(SceneSource(cfg.seed, 0, cfg.train_data, cfg.image_size, cfg.grid))
-    source = eval_source(cfg)
-    eval_batches = load_eval_batches(source, shard(cfg.eval_size, world), batches_per_rank(cfg, world),
-                                     cfg.num_workers, pin_memory=world.device.type == "cuda")
-    picture_batch = source.batch(np.arange(min(4, cfg.eval_size)))
-    return Task(model, train_data, collate,
-                evaluate=lambda m: score(m, cfg, eval_batches, world.device, world),
-                pictures=lambda m: allocation_pictures(m, picture_batch))
-
-
-def new_model(cfg: TrainConfig) -> torch.nn.Module:
-    """A Qwen-VL --base-model folder gets the VLM adapter (trainer/vlm.py); anything else the tiny-LM one."""
-    return ArrCocVLM(cfg) if vlm_type(cfg.base_model) is not None else ArrCoc(cfg)
-
-
-def _vqa_task(cfg: TrainConfig, world: World, model: ArrCocVLM) -> Task:
-    """JSONL image-question-answer data, generated answers scored with VQA accuracy, the budget curve at the end."""
-    train_data = VqaDataset(cfg.train_data, cfg.max_bad_fraction)
-    evals = VqaSource(cfg.eval_data, model.collate, cfg.max_bad_fraction)
-    if world.is_main:
-        for dataset in (train_data, evals.dataset):
-            print(dataset.bad_summary(), file=sys.stderr, flush=True)
-
-    def finish(m: torch.nn.Module, out: Path) -> None:
-        curve = budget_curve(m, cfg, evals, world)  # every rank scores its shard
-        if world.is_main:
-            write_budget_curve(curve, out)
-            print(f"budget curve: {out / 'budget_curve.png'}", file=sys.stderr, flush=True)
-
-    return Task(model, train_data, model.collate,
-                evaluate=lambda m: evaluate_vqa(m, cfg, evals, world=world),
-                pictures=lambda m: None, finish=finish)
+    model = task.build_model(cfg).to(world.device)
+    return task, model, task.run_parts(cfg, world, model)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -128,7 +77,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in base.modules() if type(m).__name__ in names]
 
 
-def build_optimization(model: ArrCoc, cfg: TrainConfig, world: World):
+def build_optimization(model: torch.nn.Module, cfg: TrainConfig, world: World):
     """(engine, optimizer, scheduler): engine is what the loop calls forward on."""
     if cfg.strategy == "fsdp" and world.distributed:
         from torch.distributed.device_mesh import init_device_mesh
@@ -297,7 +246,7 @@ def resume(cfg: TrainConfig, root: Path, engine, model, optimizer, scheduler, wo
     return 0, {"eval": [], "loss": [], "window": [0.0, 0]}, skipped
 
 
-def save_adapter(model, cfg: TrainConfig, out: Path, world: World, history: dict) -> Path | None:
+def save_adapter(task: Task, model, cfg: TrainConfig, out: Path, world: World, history: dict) -> Path | None:
     """OUT/adapter, replaced atomically: a reader sees the old adapter or the new one, never half."""
     if cfg.strategy == "fsdp" and world.distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -307,7 +256,7 @@ def save_adapter(model, cfg: TrainConfig, out: Path, world: World, history: dict
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
         if not world.is_main:
             return None
-        model = new_model(cfg)
+        model = task.build_model(cfg)
         model.load_trainable_state(full)
     if not world.is_main:
         return None
@@ -354,11 +303,11 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def train_loader(task: Task, cfg: TrainConfig, world: World, start_step: int) -> DataLoader:
+def train_loader(parts: RunParts, cfg: TrainConfig, world: World, start_step: int) -> DataLoader:
     consumed = start_step * cfg.batch_size * cfg.grad_accum  # samples this rank read before start_step
-    sampler = ShardSampler(task.train_data, world.world_size, world.rank, cfg.seed, skip=consumed)
+    sampler = ShardSampler(parts.train_data, world.world_size, world.rank, cfg.seed, skip=consumed)
     workers = cfg.num_workers
-    return DataLoader(task.train_data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=task.collate,
+    return DataLoader(parts.train_data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=parts.collate,
                       num_workers=workers, pin_memory=world.device.type == "cuda", drop_last=True,
                       worker_init_fn=quiet_worker, persistent_workers=workers > 0,
                       prefetch_factor=PREFETCH_BATCHES if workers else None)
@@ -367,8 +316,7 @@ def train_loader(task: Task, cfg: TrainConfig, world: World, start_step: int) ->
 def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
     out = Path(cfg.out)
     root = out / "checkpoints"
-    task = build_task(cfg, world)
-    model = task.model
+    task, model, parts = build_run(cfg, world)
     engine, optimizer, scheduler = build_optimization(model, cfg, world)
     if cfg.compile:
         model.compile()
@@ -381,7 +329,7 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
               f"optimizer step ({cfg.strategy}, {cfg.precision}, {world.device.type})", file=sys.stderr, flush=True)
 
     curves = Curves(out, enabled=world.is_main and start < cfg.steps)
-    batches = iter(train_loader(task, cfg, world, start))
+    batches = iter(train_loader(parts, cfg, world, start))
     bar = tqdm(total=cfg.steps, initial=start, file=sys.stderr, dynamic_ncols=True,
                disable=not (world.is_main and sys.stderr.isatty()))
     began, samples = time.perf_counter(), 0
@@ -417,8 +365,8 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
             window_start, window_loss, window_steps = now, None, 0
 
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            metrics = task.evaluate(model)  # every rank scores its shard
-            pictures = task.pictures(model)  # every rank: a sharded model's forward is a collective
+            metrics = parts.evaluate(model)  # every rank scores its shard
+            pictures = parts.pictures(model)  # every rank: a sharded model's forward is a collective
             if world.is_main:
                 history["eval"].append({"step": done, **metrics})
                 report(metrics)
@@ -441,15 +389,15 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
             return 128 + int(signum)
     bar.close()
     curves.close()
+    elapsed = time.perf_counter() - began  # the loop's rate: first step to last, evaluations and checkpoints in it
 
     # The loop evaluated and checkpointed at the last step (or a finished run was resumed: nothing to redo).
-    adapter = save_adapter(model, cfg, out, world, history)
+    adapter = save_adapter(task, model, cfg, out, world, history)
     if world.is_main:
-        elapsed = time.perf_counter() - began
         rate = samples / elapsed if samples else 0.0
         print(f"adapter: {adapter}\nmetrics: {out / 'metrics.json'}\nthroughput: {rate:.1f} samples/s",
               file=sys.stderr, flush=True)
-    if task.finish is not None and start < cfg.steps:
-        task.finish(model, out)
+    if start < cfg.steps:
+        parts.finish(model, out)
     barrier(world)
     return 0

@@ -1,29 +1,13 @@
-"""ARR-COC in front of a Qwen-VL: the adapter picks which of the VLM's own merged visual tokens its LM reads.
+"""ARR-COC in front of a Qwen-VL: the adapter picks which of the VLM's own merged visual tokens its language model
+reads, and at which level of detail (2x2 regions in full, coarse or not at all), each at its own M-RoPE position.
 
-Per image and question:
-  frozen vision tower -> merged visual tokens on an (h, w) grid (get_image_features)
-  texture array / entropy / Sobel salience on the same grid -> P, S; Q from the visual tokens and the question
-  -> r = c*(P+S)/2 + (1-c)*Q -> spend a budget of K tokens (K = --token-budget, or --token-fraction of n) over
-     2x2 regions of the grid, most relevant first (Gumbel noise on the region logits while training): the top
-     regions at full detail (all their tokens), the next coarse (one token, their mean), the rest not at all;
-     focus_vs_diversify f is the share of K spent at full detail (lod_allocation)
-  -> every token times the straight-through gate 1 + r - stopgrad(r), then pooled per read token, each read
-     token at its own M-RoPE position (a coarse one at its region's top-left token's)
-  -> LoRA'd language model reads [vision_start, read tokens, vision_end, question, answer].
-
-Positions come from the model's own get_rope_index over the full sequence (every image placeholder), and the
-unread tokens' columns are removed: the LM sees each read token where the full image would have put it
-(transformers models/qwen2_vl/modeling_qwen2_vl.py Qwen2VLModel.get_rope_index; the text model takes
-inputs_embeds and 3-row position_ids). Qwen3-VL's deepstack features are gathered the same way and passed as
-visual_pos_masks / deepstack_visual_embeds (models/qwen3_vl/modeling_qwen3_vl.py Qwen3VLTextModel.forward),
-pooled per read token like the visual tokens.
+The walk from image and question to the LM's input, and the transformers code it follows: docs/vlm.md.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import itertools
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,18 +32,6 @@ SELECTIONS = ("relevance", "random", "uniform", "all")
 
 class VlmError(UserError):
     """A --base-model folder that is not a loadable Qwen-VL checkpoint."""
-
-
-def vlm_type(path: str) -> str | None:
-    """The Qwen-VL model_type of a checkpoint folder, or None when it is not one (the synthetic path)."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-    return model_type if model_type in VLM_TYPES else None
 
 
 def kept_count(cfg: TrainConfig, n: int, fraction: float | None = None) -> int:
@@ -151,6 +123,37 @@ class Reading:
             0, self.group.flatten(), (self.weight / self.count).flatten())
 
 
+@dataclass
+class Readings:
+    """The Readings of a batch of images on one grid: Reading's fields with a leading batch dimension, so that
+    pooling and the shares are one set of ops for the batch."""
+
+    group: torch.Tensor  # [B, m, g] long
+    weight: torch.Tensor  # [B, m, g] float
+    anchor: torch.Tensor  # [B, m] long
+    full: torch.Tensor | None = None  # [B]
+    coarse: torch.Tensor | None = None  # [B]
+
+    @classmethod
+    def stack(cls, readings: list[Reading]) -> Readings:
+        """The token-level baselines' per-image Readings (no levels), batched."""
+        return cls(*(torch.stack([getattr(r, name) for r in readings]) for name in ("group", "weight", "anchor")))
+
+    def __getitem__(self, i: int) -> Reading:
+        return Reading(self.group[i], self.weight[i], self.anchor[i],
+                       None if self.full is None else self.full[i], None if self.coarse is None else self.coarse[i])
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, m, d] the read tokens of per-visual-token features [B, n, d]."""
+        rows = torch.arange(len(features), device=features.device)[:, None, None]
+        return (features[rows, self.group] * self.weight[..., None].to(features.dtype)).sum(2)
+
+    def touched(self, n: int) -> torch.Tensor:
+        """[B, n] whether the LM reads a visual token (at either level): its share in Reading.share is > 0."""
+        share = torch.zeros((len(self.group), n), device=self.weight.device)
+        return share.scatter_add_(1, self.group.flatten(1), self.weight.flatten(1)) > 0
+
+
 @functools.lru_cache(maxsize=256)
 def _region_tables(grid: tuple[int, int], device: torch.device) -> dict[str, torch.Tensor]:
     """What lod_allocation needs of a grid, built once per image size and device: the regions' members (padding
@@ -171,36 +174,44 @@ def _region_tables(grid: tuple[int, int], device: torch.device) -> dict[str, tor
 
 def lod_allocation(r: torch.Tensor, grid: tuple[int, int], k: int, focus: float,
                    noise: torch.Tensor | None = None) -> Reading:
-    """Spend a budget of k visual tokens over the 2x2 regions of an (h, w) grid by relevance r [h*w].
+    """Spend a budget of k visual tokens over the 2x2 regions of an (h, w) grid by relevance r [h*w] (see
+    lod_allocations, which does it for a batch of images on the same grid)."""
+    return lod_allocations(r[None], grid, k, focus, None if noise is None else noise[None])[0]
 
-    Regions are ranked by logit(mean r over the region) (+ noise [>= R], Gumbel while training). The top F
+
+def lod_allocations(r: torch.Tensor, grid: tuple[int, int], k: int, focus: float,
+                    noise: torch.Tensor | None = None) -> Readings:
+    """The Readings of the images of r [B, h*w], all on one (h, w) grid, spending a budget of k visual tokens.
+
+    Regions are ranked by logit(mean r over the region) (+ noise [B, >= R], Gumbel while training). The top F
     regions are read at full detail (all their tokens, 4 inside the grid), the next C coarse (one token each),
     the rest not at all: P_F + C = lod_count(grid, k) tokens, P_F the full regions' tokens. focus
     (focus_vs_diversify) is the share of the budget spent at full detail: F is the most regions whose tokens fit
     in focus*k, raised where needed so that enough regions remain to spend the rest coarse. With 4-token regions
     that is the synthetic model's K(f) = round(K_max - f*(K_max - K_min)) for regions: from k regions all coarse
     at f = 0 down to k/4 all full at f = 1. Pure and sync-free: every shape follows from the grid and k (it runs
-    on the meta device)."""
+    on the meta device), and one set of ops serves the whole batch."""
     t = _region_tables(grid, r.device)
     index, valid, sizes, steps = t["index"], t["valid"], t["sizes"], t["steps"]
     regions, m = len(sizes), lod_count(grid, k)
-    logits = torch.logit(((r.detach()[index] * valid).sum(1) / sizes).clamp(1e-4, 1 - 1e-4))
+    logits = torch.logit(((r.detach()[:, index] * valid).sum(-1) / sizes).clamp(1e-4, 1 - 1e-4))  # [B, R]
     if noise is not None:
-        logits = logits + noise[:regions]
-    order = logits.argsort(descending=True)
-    spent = torch.cat([sizes.new_zeros(1), sizes[order].cumsum(0)])  # P_F: tokens of the first F at full detail
-    by_share = (spent <= focus * m).sum() - 1  # the most full regions the detail share affords (P_0 = 0)
-    at_least = (spent + regions - steps < m).sum()  # the fewest that leave enough regions to spend m coarse
+        logits = logits + noise[:, :regions]
+    order = logits.argsort(dim=-1, descending=True)
+    # P_F: tokens of the first F regions at full detail, F = 0..R
+    spent = torch.cat([sizes.new_zeros(len(r), 1), sizes[order].cumsum(-1)], dim=-1)
+    by_share = (spent <= focus * m).sum(-1) - 1  # the most full regions the detail share affords (P_0 = 0)
+    at_least = (spent + regions - steps < m).sum(-1)  # the fewest that leave enough regions to spend m coarse
     full_count = torch.maximum(by_share, at_least)
-    coarse_count = m - spent.gather(0, full_count[None])[0]
-    rank = torch.empty_like(order).scatter_(0, order, steps[:-1])
-    full = rank < full_count
-    coarse = ~full & (rank < full_count + coarse_count)
+    coarse_count = m - spent.gather(-1, full_count[:, None])[:, 0]
+    rank = torch.empty_like(order).scatter_(-1, order, steps[:-1].expand_as(order))
+    full = rank < full_count[:, None]
+    coarse = ~full & (rank < (full_count + coarse_count)[:, None])
     # Of the candidates, the m active ones in raster order of their anchors (unique: a region is read at one
     # level); inactive ones sort last. Shapes fixed by m.
-    active = torch.cat([(full[:, None] & valid).flatten(), coarse])
-    pick = torch.where(active, t["anchors"], len(t["anchors"])).argsort()[:m]
-    return Reading(t["group"][pick], t["weight"][pick], t["anchors"][pick], full.sum(), coarse.sum())
+    active = torch.cat([(full[:, :, None] & valid).flatten(1), coarse], dim=-1)
+    pick = torch.where(active, t["anchors"], len(t["anchors"])).argsort(dim=-1)[:, :m]
+    return Readings(t["group"][pick], t["weight"][pick], t["anchors"][pick], full.sum(-1), coarse.sum(-1))
 
 
 def load_processors(path: str):
@@ -226,14 +237,17 @@ class VisualQueryScorer(nn.Module):
         self.bias = nn.Parameter(torch.tensor([0.0]))
 
     def forward(self, cells: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        cosine = F.normalize(self.cells(cells), dim=-1) @ F.normalize(self.query(query), dim=-1)
+        """cells [B, n, width + 13], query [B, width] -> [B, n]."""
+        cells, query = F.normalize(self.cells(cells), dim=-1), F.normalize(self.query(query), dim=-1)
+        cosine = (cells @ query[..., None])[..., 0]
         return torch.sigmoid(self.scale * cosine + self.bias)
 
 
 class VlmCollator:
     """Dict samples of trainer.vqa.VqaDataset -> one batch: pixel patches, grids, the full token sequences
     (every image placeholder present, right-padded), M-RoPE positions, each image's merged-token grid, the
-    images at the processor's size for the texture arrays, and ground-truth relevance per image."""
+    images at the processor's size for the texture arrays, and ground-truth relevance per image (truth [B, n_max],
+    zero-padded, where boxed[i] says image i has boxes)."""
 
     def __init__(self, tokenizer, image_processor, config, rope_index):
         # rope_index: the base model's get_rope_index, a function of the ids and the config only. Run here, in a
@@ -283,7 +297,10 @@ class VlmCollator:
         return {"pixel_values": processed["pixel_values"], "image_grid_thw": grid_thw, "input_ids": ids,
                 "attention_mask": mask, "position_ids": positions, "prompt_lengths": [len(p) for p, _ in rows],
                 "answer_lengths": [len(a) for _, a in rows], "visual_counts": counts, "visual_grids": grids,
-                "texture_images": texture_images, "truth": truth, "answers": [s["answers"] for s in samples]}
+                "texture_images": texture_images, "answers": [s["answers"] for s in samples],
+                # one tensor for the batch: a DataLoader worker hands each tensor over as shared memory of its own
+                "boxed": [t is not None for t in truth], "truth": torch.nn.utils.rnn.pad_sequence(
+                    [torch.zeros(n) if t is None else t for t, n in zip(truth, counts)], batch_first=True)}
 
     @staticmethod
     def _truth(sample: dict, height: int, width: int, gh: int, gw: int) -> torch.Tensor | None:
@@ -342,97 +359,109 @@ class ArrCocVLM(TrainableState, nn.Module):
 
     # --- the allocator ---------------------------------------------------------------------------------------
     def _read(self, r: torch.Tensor, grid: tuple[int, int], k: int, selection: str, noise: torch.Tensor | None,
-              generator: torch.Generator | None) -> Reading:
-        """ARR-COC's level-of-detail allocation of a budget of k; the baselines read as many whole tokens."""
+              generator: torch.Generator | None) -> Readings:
+        """What the LM reads of images on one grid (r [B, n]): ARR-COC's level-of-detail allocation of a budget of k;
+        the baselines read as many whole tokens (random: one draw per image, in the batch's order)."""
         if selection == "relevance":
-            return lod_allocation(r, grid, k, self.cfg.focus_vs_diversify, noise)
-        n, k = r.shape[0], lod_count(grid, k)
+            return lod_allocations(r, grid, k, self.cfg.focus_vs_diversify, noise)
+        n, k = r.shape[1], lod_count(grid, k)
         if selection == "all" or k >= n:
-            return Reading.tokens(torch.arange(n, device=r.device))
-        if selection == "uniform":  # strided: evenly spaced over the raster order
-            return Reading.tokens(torch.linspace(0, n - 1, k, device=r.device).round().long())
-        return Reading.tokens(torch.randperm(n, generator=generator)[:k].sort().values.to(r.device))  # random
+            picks = [torch.arange(n, device=r.device)] * len(r)
+        elif selection == "uniform":  # strided: evenly spaced over the raster order
+            picks = [torch.linspace(0, n - 1, k, device=r.device).round().long()] * len(r)
+        else:
+            picks = [torch.randperm(n, generator=generator)[:k].sort().values.to(r.device) for _ in range(len(r))]
+        return Readings.stack([Reading.tokens(p) for p in picks])
 
-    def _cell_features(self, batch: dict) -> tuple[list, list, list]:
-        """Texture [n,13], entropy [n] and edge [n] per image on the merged-token grid, computed batched on the
-        model's device in fp32 (bf16 autocast off: the features are not trained)."""
+    @torch.no_grad()
+    def _encode(self, batch: dict) -> dict:
+        """What does not depend on the allocation, computed once per batch (no grad: the base is frozen and the
+        features are not trained): the vision tower's merged visual tokens (and Qwen3-VL's deepstack features),
+        the text embeddings of the full sequences, their M-RoPE positions, and the texture, entropy and edge
+        features [n, 13], [n], [n] of each image on its merged-token grid (fp32, bf16 autocast off)."""
+        base, device = self.base, self.device
+        vision = base.model.get_image_features(batch["pixel_values"].to(device), batch["image_grid_thw"].to(device),
+                                               return_dict=True)
+        text = base.get_input_embeddings()(batch["input_ids"].to(device, non_blocking=True))
         count = len(batch["visual_counts"])
         texture, entropy, edges = [None] * count, [None] * count, [None] * count
-        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+        with torch.autocast(device.type, enabled=False):
             for members, images, grid in batch["texture_images"]:
-                feats = cell_features(images.to(self.device, non_blocking=True), grid)
+                feats = cell_features(images.to(device, non_blocking=True), grid)
                 for j, i in enumerate(members):
                     texture[i] = feats.texture[j].flatten(1).t()
                     entropy[i] = feats.entropy[j].flatten()
                     edges[i] = feats.edges[j].flatten()
-        return texture, entropy, edges
+        return {"visual": [v.to(text.dtype) for v in vision.pooler_output], "text": text,
+                "deepstack": getattr(vision, "deepstack_features", None),
+                "positions": batch["position_ids"].to(device, non_blocking=True),
+                "texture": texture, "entropy": entropy, "edges": edges}
 
-    def _sequences(self, batch: dict, with_answer: bool, noise: torch.Tensor | None, selection: str,
+    def _sequences(self, batch: dict, enc: dict, with_answer: bool, noise: torch.Tensor | None, selection: str,
                    fraction: float | None, generator: torch.Generator | None) -> dict:
-        cfg, base, device = self.cfg, self.base, self.device
-        embed = base.get_input_embeddings()
-        full_positions = batch["position_ids"].to(device, non_blocking=True)  # M-RoPE of the full sequence
-        ids = batch["input_ids"].to(device, non_blocking=True)
-        with torch.no_grad():
-            vision = base.model.get_image_features(batch["pixel_values"].to(device), batch["image_grid_thw"].to(device),
-                                                   return_dict=True)
-            text_embeds = embed(ids)
-        deepstack = getattr(vision, "deepstack_features", None)
-        texture, entropy, edges = self._cell_features(batch)
+        """The LM's input: per image [vision_start, the read tokens, vision_end, question(, answer)], left-padded,
+        with each read token at its M-RoPE position. Images on the same grid (usually the whole batch) are scored,
+        allocated and pooled together."""
+        cfg, device, text, counts = self.cfg, self.device, enc["text"], batch["visual_counts"]
         c = cfg.compress_vs_particularize
-        rows, positions, read_deep, relevance, readings, aux_terms = [], [], [], [], [], []
-        for i, n in enumerate(batch["visual_counts"]):
-            prompt_len = batch["prompt_lengths"][i]
-            end = prompt_len + (batch["answer_lengths"][i] if with_answer else 0)
-            visual = vision.pooler_output[i].to(text_embeds.dtype)
-            question = text_embeds[i, n + 2:prompt_len].mean(0)
-            cells = torch.cat([texture[i], visual], dim=-1)
-            q = self.participatory(cells, question)
-            p = entropy[i]
-            s = edges[i] / edges[i].max().clamp_min(1e-8)
-            r = c * (p + s) / 2 + (1 - c) * q
-            reading = self._read(r, batch["visual_grids"][i], kept_count(cfg, n, fraction), selection,
-                                 None if noise is None else noise[i], generator)
-            gated = visual * (1 + r - r.detach())[:, None]  # straight-through gate, before pooling
-            rows.append(torch.cat([text_embeds[i, :1], reading.pool(gated), text_embeds[i, n + 1:end]]))
-            keep = torch.cat([torch.zeros(1, dtype=torch.long, device=device), 1 + reading.anchor,
-                              torch.arange(n + 1, end, device=device)])
-            positions.append(full_positions[:, i, keep])
-            if deepstack is not None:
-                read_deep.append([reading.pool(layer[i]) for layer in deepstack])
-            relevance.append(r)
-            readings.append(reading)
-            truth = batch["truth"][i]
-            if truth is not None:  # on the tokens read (at either level) only, as feedback comes only from them
-                read = (reading.share(n) > 0).float()
-                target = (truth.to(device) > 0).float()
-                bce = F.binary_cross_entropy(q.clamp(1e-6, 1 - 1e-6), target, reduction="none")
-                aux_terms.append((bce * read).sum() / read.sum())
+        by_grid: dict[tuple[int, int], list[int]] = {}
+        for i, grid in enumerate(batch["visual_grids"]):
+            by_grid.setdefault(grid, []).append(i)
+        relevance, readings, pooled, deep, aux_terms = {}, {}, {}, {}, {}
+        for grid, members in by_grid.items():
+            n = counts[members[0]]
+            visual = torch.stack([enc["visual"][i] for i in members])  # [G, n, d]
+            question = torch.stack([text[i, n + 2:batch["prompt_lengths"][i]].mean(0) for i in members])
+            q = self.participatory(torch.cat([torch.stack([enc["texture"][i] for i in members]), visual], -1), question)
+            p = torch.stack([enc["entropy"][i] for i in members])
+            edges = torch.stack([enc["edges"][i] for i in members])
+            r = c * (p + edges / edges.amax(-1, keepdim=True).clamp_min(1e-8)) / 2 + (1 - c) * q
+            read = self._read(r, grid, kept_count(cfg, n, fraction), selection,
+                              None if noise is None else noise[members], generator)
+            gated = visual * (1 + r - r.detach())[..., None]  # straight-through gate, before pooling
+            group_pooled = read.pool(gated)
+            group_deep = [read.pool(torch.stack([layer[i] for i in members])) for layer in enc["deepstack"] or []]
+            boxed = [j for j, i in enumerate(members) if batch["boxed"][i]]
+            if boxed:  # on the tokens read (at either level) only, as feedback comes only from them
+                touched = read.touched(n)[boxed].float()
+                target = (batch["truth"][[members[j] for j in boxed], :n].to(device) > 0).float()
+                bce = F.binary_cross_entropy(q[boxed].clamp(1e-6, 1 - 1e-6), target, reduction="none")
+                aux_terms.update(zip((members[j] for j in boxed), (bce * touched).sum(-1) / touched.sum(-1)))
+            for j, i in enumerate(members):
+                relevance[i], readings[i], pooled[i] = r[j], read[j], group_pooled[j]
+                deep[i] = [d[j] for d in group_deep]
         # left padding: every row ends at its last real token, where generation continues
-        length = max(row.shape[0] for row in rows)
-        b, width = len(rows), text_embeds.shape[-1]
-        inputs = text_embeds.new_zeros((b, length, width))
-        position_ids = full_positions.new_zeros((3, b, length))
+        ends = [batch["prompt_lengths"][i] + (batch["answer_lengths"][i] if with_answer else 0)
+                for i in range(len(counts))]
+        lengths = [1 + readings[i].count + ends[i] - counts[i] - 1 for i in range(len(counts))]
+        length, b, width = max(lengths), len(counts), text.shape[-1]
+        inputs = text.new_zeros((b, length, width))
+        position_ids = enc["positions"].new_zeros((3, b, length))
         mask = torch.zeros((b, length), dtype=torch.long, device=device)
         labels = torch.full((b, length), -100, dtype=torch.long, device=device)
         visual_mask = torch.zeros((b, length), dtype=torch.bool, device=device)
-        for i, row in enumerate(rows):
-            pad = length - row.shape[0]
-            inputs[i, pad:] = row
-            position_ids[:, i, pad:] = positions[i]
+        for i, n in enumerate(counts):
+            pad, m, end, full = length - lengths[i], readings[i].count, ends[i], enc["positions"][:, i]
+            inputs[i, pad] = text[i, 0]
+            inputs[i, pad + 1:pad + 1 + m] = pooled[i]
+            inputs[i, pad + 1 + m:] = text[i, n + 1:end]
+            position_ids[:, i, pad] = full[:, 0]
+            position_ids[:, i, pad + 1:pad + 1 + m] = full[:, 1 + readings[i].anchor]
+            position_ids[:, i, pad + 1 + m:] = full[:, n + 1:end]
             mask[i, pad:] = 1
-            visual_mask[i, pad + 1:pad + 1 + readings[i].count] = True
+            visual_mask[i, pad + 1:pad + 1 + m] = True
             if with_answer:
-                n, start = batch["visual_counts"][i], batch["prompt_lengths"][i]
+                start = batch["prompt_lengths"][i]
                 answer = batch["input_ids"][i, start:start + batch["answer_lengths"][i]].to(device)
                 labels[i, length - answer.shape[0]:] = answer
         extra = {}
-        if deepstack is not None:
-            extra = {"visual_pos_masks": visual_mask,
-                     "deepstack_visual_embeds": [torch.cat([d[j] for d in read_deep]) for j in range(len(deepstack))]}
-        aux = torch.stack(aux_terms).mean() if aux_terms else inputs.new_zeros(())
+        if enc["deepstack"] is not None:
+            extra = {"visual_pos_masks": visual_mask, "deepstack_visual_embeds": [
+                torch.cat([deep[i][j] for i in range(b)]) for j in range(len(enc["deepstack"]))]}
+        aux = torch.stack([aux_terms[i] for i in sorted(aux_terms)]).mean() if aux_terms else inputs.new_zeros(())
         return {"inputs_embeds": inputs, "position_ids": position_ids, "attention_mask": mask, "labels": labels,
-                "extra": extra, "relevance": relevance, "readings": readings, "aux": aux}
+                "extra": extra, "relevance": [relevance[i] for i in range(b)],
+                "readings": [readings[i] for i in range(b)], "aux": aux}
 
     # --- training and scoring --------------------------------------------------------------------------------
     def _autocast(self):
@@ -444,37 +473,55 @@ class ArrCocVLM(TrainableState, nn.Module):
     def forward(self, batch: dict, noise: torch.Tensor | None = None, selection: str = "relevance",
                 fraction: float | None = None, generator: torch.Generator | None = None) -> dict:
         with self._autocast():
-            return self._forward(batch, noise, selection, fraction, generator)
-
-    def _forward(self, batch: dict, noise, selection: str, fraction: float | None, generator) -> dict:
-        seq = self._sequences(batch, True, noise, selection, fraction, generator)
-        hidden = self.base.model.language_model(inputs_embeds=seq["inputs_embeds"], position_ids=seq["position_ids"],
-                                                attention_mask=seq["attention_mask"], **seq["extra"]).last_hidden_state
-        logits = self.base.lm_head(hidden[:, :-1])
-        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), seq["labels"][:, 1:].flatten(), ignore_index=-100)
-        loss = lm_loss + self.cfg.aux_weight * seq["aux"]
+            seq = self._sequences(batch, self._encode(batch), True, noise, selection, fraction, generator)
+            lm_loss = self._answer_loss(seq)
+            loss = lm_loss + self.cfg.aux_weight * seq["aux"]
         visual_tokens = torch.tensor([float(reading.count) for reading in seq["readings"]]).mean()
         return {"loss": loss, "lm_loss": lm_loss, "aux_loss": seq["aux"], "visual_tokens": visual_tokens,
                 "relevance": seq["relevance"], "readings": seq["readings"]}
 
-    @torch.no_grad()
-    def generate(self, batch: dict, selection: str = "relevance", fraction: float | None = None,
-                 generator: torch.Generator | None = None) -> tuple[list[str], dict]:
-        """Greedy answers (a KV cache, positions continuing after each row's last one) and what the LM read.
-        Under FSDP2 this is not the root module's forward, so the root's own weights are gathered around it (the
-        decoder layers and vision blocks gather theirs in their own forwards)."""
-        unshard = hasattr(self, "unshard")  # a fully_shard'ed model (torch.distributed.fsdp.FSDPModule)
+    def _answer_loss(self, seq: dict) -> torch.Tensor:
+        hidden = self.base.model.language_model(inputs_embeds=seq["inputs_embeds"], position_ids=seq["position_ids"],
+                                                attention_mask=seq["attention_mask"], **seq["extra"]).last_hidden_state
+        logits = self.base.lm_head(hidden[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1).float(), seq["labels"][:, 1:].flatten(), ignore_index=-100)
+
+    @contextlib.contextmanager
+    def _gathered(self):
+        """Outside the root module's forward, a fully_shard'ed model (FSDP2) must gather the root's own weights
+        itself; the decoder layers and vision blocks gather theirs in their own forwards. Nothing otherwise."""
+        unshard = hasattr(self, "unshard")  # torch.distributed.fsdp.FSDPModule
         if unshard:
             self.unshard()
         try:
             with self._autocast():
-                return self._generate(batch, selection, fraction, generator)
+                yield
         finally:
             if unshard:
                 self.reshard()
 
-    def _generate(self, batch: dict, selection: str, fraction: float | None, generator) -> tuple[list[str], dict]:
-        seq = self._sequences(batch, False, None, selection, fraction, generator)
+    @torch.no_grad()
+    def generate(self, batch: dict, selection: str = "relevance", fraction: float | None = None,
+                 generator: torch.Generator | None = None) -> tuple[list[str], dict]:
+        """Greedy answers (a KV cache, positions continuing after each row's last one) and what the LM read."""
+        with self._gathered():
+            seq = self._sequences(batch, self._encode(batch), False, None, selection, fraction, generator)
+            return self._greedy(seq), seq
+
+    @torch.no_grad()
+    def score(self, batch: dict, selection: str = "relevance", fraction: float | None = None,
+              seed: int = 0) -> tuple[list[str], dict, torch.Tensor]:
+        """An evaluation batch: the greedy answers, what the LM read, and the answer loss (on the annotators'
+        majority answer), with the vision tower run once for both. Random selection draws from a generator seeded
+        by `seed`, the same draw for the answers and the loss."""
+        with self._gathered():
+            enc = self._encode(batch)
+            seq = self._sequences(batch, enc, False, None, selection, fraction, torch.Generator().manual_seed(seed))
+            answers = self._greedy(seq)
+            scored = self._sequences(batch, enc, True, None, selection, fraction, torch.Generator().manual_seed(seed))
+            return answers, seq, self._answer_loss(scored)
+
+    def _greedy(self, seq: dict) -> list[str]:
         lm, head, embed = self.base.model.language_model, self.base.lm_head, self.base.get_input_embeddings()
         out = lm(inputs_embeds=seq["inputs_embeds"], position_ids=seq["position_ids"],
                  attention_mask=seq["attention_mask"], use_cache=True, **seq["extra"])
@@ -493,4 +540,4 @@ class ArrCocVLM(TrainableState, nn.Module):
         eos = self.tokenizer.eos_token_id
         answers = [self.tokenizer.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True)
                    for row in tokens]
-        return [a.strip() for a in answers], seq
+        return [a.strip() for a in answers]

@@ -1,14 +1,6 @@
-"""Image-question-answer data for the Qwen-VL path: the JSONL format, its checks, and VQA scoring.
-
-One example per line: `image` (a path relative to the JSONL file), `question`, `answers` (a list of strings;
-VQAv2's ten annotator answers fit) and optional `boxes` (`[x0, y0, x1, y1]` pixel boxes of the regions the
-question is about; they give the ground-truth relevance grid). Bad examples (missing or corrupt image, empty
-question, no answers, a box outside the image, a line that is not a JSON object) are counted per file and
-skipped; more than `max_bad_fraction` of them stops the run with one line.
-
-Scoring is the standard VQA one (the official VQA evaluation script's answer normalization and
-min(#annotators who gave the answer / 3, 1) soft accuracy).
-"""
+"""Image-question-answer data for the Qwen-VL path: the JSONL format and its checks, the standard VQA scoring, the
+evaluation and the accuracy vs visual-token budget curve. The format and what counts as a bad example:
+docs/vlm.md ("The data format")."""
 from __future__ import annotations
 
 import json
@@ -21,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed import World
+from .distributed import World, shard
 from .errors import UserError
 
 
@@ -273,8 +265,6 @@ def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance", fr
     sharded model's forward is a collective; a rank out of examples scores a stand-in batch with weight 0) and
     the sums are all-reduced: one host sync per evaluation besides each batch's generated tokens (read to score the
     answers). Random selection draws from a generator seeded by (cfg.seed, the batch's first example)."""
-    from .evaluation import shard
-
     was_training = model.training
     model.eval()
     count = min(cfg.eval_size, len(source))
@@ -289,9 +279,8 @@ def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance", fr
         chunk = chunk if len(chunk) else np.zeros(1, dtype=np.int64)
         batch = source.batch(chunk)
         seed = int(np.random.SeedSequence([cfg.seed, int(chunk[0])]).generate_state(1)[0])
-        answers, seq = model.generate(batch, selection, fraction, torch.Generator().manual_seed(seed))
-        loss = model(batch, selection=selection, fraction=fraction, generator=torch.Generator().manual_seed(seed))
-        device[4] += weight * len(answers) * loss["lm_loss"].detach().double()
+        answers, seq, lm_loss = model.score(batch, selection, fraction, seed)
+        device[4] += weight * len(answers) * lm_loss.double()
         for i, predicted in enumerate(answers):
             host[0] += weight * soft_accuracy(predicted, batch["answers"][i])
             reading = seq["readings"][i]
@@ -299,9 +288,8 @@ def evaluate_vqa(model, cfg, source: VqaSource, selection: str = "relevance", fr
             if reading.full is not None:
                 device[5] += weight * reading.full
                 device[6] += weight * reading.coarse
-            truth = batch["truth"][i]
-            if truth is not None:
-                truth = truth.to(model.device, non_blocking=True)
+            if batch["boxed"][i]:
+                truth = batch["truth"][i, :batch["visual_counts"][i]].to(model.device, non_blocking=True)
                 truth = truth / truth.sum().clamp_min(1e-8)
                 device[1] += weight * torch.minimum(reading.share(len(truth)), truth).sum()
                 host[2] += weight

@@ -1,15 +1,7 @@
-"""Where a PyTorchJob runs: one interface, one result type, one failure type, two backends.
-
-In the spirit of kubeflow/sdk's TrainerClient (a thin client over backend classes), the caller picks where a job
-runs and never how it is built or followed: the pipeline's train step, `arrcoc pytorchjob run` and the local
-Katib sweep all hand a manifest from pipelines/jobs/pytorchjob.py to `backend_for(where).run(...)`.
-
-- "local": pipelines/jobs/local.py, LocalBackend (replicas as processes on this machine, with the operator's
-  env contract and restart rules).
-- "cluster": pipelines/jobs/cluster.py, ClusterBackend (kubeflow-training's TrainingClient against the API server).
-
-`run` returns a JobResult when the job Succeeded and raises JobFailed (carrying the same JobResult, with the
-Failed condition) for everything else: a failed job, a deadline, a rejected or unreachable API, a cancelled step.
+"""Where a PyTorchJob runs: the backend interface, its result and its failure. The backends live in
+pipelines/jobs/local.py (replicas as processes, the operator's env contract and restart rules) and
+pipelines/jobs/cluster.py (kubeflow-training's TrainingClient); callers pick one with pipelines/jobs/client.py's
+backend_for, as kubeflow/sdk separates backends/base.py, the backends and the client (docs/pytorchjob.md).
 """
 from __future__ import annotations
 
@@ -90,15 +82,3 @@ class ClusterOptions:
     delete: str = "on-success"
     poll_interval: float = 15.0
     step_mounts: Mapping[str, str] = field(default_factory=dict)
-
-
-def backend_for(where: str, cluster: ClusterOptions | None = None) -> JobBackend:
-    if where == "local":
-        from pipelines.jobs.local import LocalBackend
-
-        return LocalBackend()
-    if where == "cluster":
-        from pipelines.jobs.cluster import ClusterBackend
-
-        return ClusterBackend(cluster or ClusterOptions())
-    raise BackendError(f"backend={where!r} is not one of {', '.join(BACKENDS)}")

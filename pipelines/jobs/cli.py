@@ -71,7 +71,8 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipelines.jobs.backends import ClusterOptions, backend_for
+    from pipelines.jobs.backends import ClusterOptions
+    from pipelines.jobs.client import backend_for
 
     manifest = _read_manifest(Path(args.file))
     if args.timeout is not None and args.timeout <= 0:

@@ -162,15 +162,36 @@ class TeamConfig:
         """From a YAML file holding the ConfigMap: a single object or a multi-document stream
         (e.g. `kubectl kustomize kustomize/overlays/<team>` output)."""
         docs = load_documents(path, TeamConfigError, label=f"team config file {path}")
+        return cls._from_documents(docs, str(path), f"team config file {path}")
+
+    @classmethod
+    def from_overlay(cls, directory: str | Path) -> TeamConfig:
+        """As `kubectl kustomize DIRECTORY` renders it: a team's overlay (kustomize/overlays/<team>), components
+        included."""
+        import subprocess
+
+        import yaml
+
+        try:
+            result = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True,
+                                    check=False)
+        except FileNotFoundError:
+            raise TeamConfigError(f"{directory}: kubectl is not installed (it renders the team's overlay)") from None
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["failed"])[-1]
+            raise TeamConfigError(f"kubectl kustomize {directory}: {last}")
+        return cls._from_documents(list(yaml.safe_load_all(result.stdout)), str(directory), f"overlay {directory}")
+
+    @classmethod
+    def _from_documents(cls, docs: list, source: str, label: str) -> TeamConfig:
         maps = [d for d in docs if isinstance(d, dict) and d.get("kind") == "ConfigMap"]
         named = [d for d in maps if _GENERATED_NAME.fullmatch(str((d.get("metadata") or {}).get("name", "")))]
         if len(named) == 1:
-            return cls.from_configmap(named[0], source=str(path))
+            return cls.from_configmap(named[0], source=source)
         if len(named) > 1:
-            raise TeamConfigError(f"team config file {path}: holds {len(named)} ConfigMaps named {CONFIGMAP_NAME}")
+            raise TeamConfigError(f"{label}: holds {len(named)} ConfigMaps named {CONFIGMAP_NAME}")
         found = ", ".join(str((d.get("metadata") or {}).get("name")) for d in maps) or "none"
-        raise TeamConfigError(f"team config file {path}: no ConfigMap named {CONFIGMAP_NAME} "
-                              f"(ConfigMaps found: {found})")
+        raise TeamConfigError(f"{label}: no ConfigMap named {CONFIGMAP_NAME} (ConfigMaps found: {found})")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TeamConfig:

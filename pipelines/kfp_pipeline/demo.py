@@ -1,10 +1,8 @@
 """`arrcoc demo`: the whole pipeline on this machine, offline, in a few minutes (what `make demo` runs).
 
-It is the pipeline users upload, run by kfp.local's SubprocessRunner in this virtual environment (no
-containers, no network) with backend "local": the train step builds the same PyTorchJob it would create on a
-cluster and hands it to the local runner, which starts the Master and one Worker as two processes.
-Outputs go under --workdir: kfp.local's pipeline root (one folder per run and task), and the model store.
-The default settings are small enough for 2 CPU cores and clear the default gate (docs/pipeline.md).
+The variant of the pipeline the team-config calls for (with or without its data bucket), run by kfp.local's
+SubprocessRunner in this virtual environment with backend "local": the train step builds the PyTorchJob a cluster
+would get and the local runner starts its replicas as processes. Outputs go under --workdir (docs/pipeline.md).
 """
 from __future__ import annotations
 
@@ -22,9 +20,10 @@ from pathlib import Path
 from trainer.errors import UserError
 
 DEFAULT_WORKDIR = "runs/demo"
-# Measured on 2 shared cores (docs/pipeline.md): ~190 s, relevance_score ~0.60 against DEFAULT_THRESHOLD 0.4;
-# 80 steps reached only ~0.36.
-DEMO = {"steps": 150, "batch_size": 16, "train_size": 1024, "eval_size": 64, "workers": 1, "report_samples": 6}
+# Measured on 2 shared cores (docs/pipeline.md): ~2 minutes, relevance_score ~0.63 against DEFAULT_THRESHOLD 0.4;
+# 80 steps reached only ~0.36. An evaluation every 25 steps draws the report's curve (64 scenes each: ~1 s).
+DEMO = {"steps": 150, "batch_size": 16, "eval_every": 25, "train_size": 1024, "eval_size": 64, "workers": 1,
+        "report_samples": 6}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -46,6 +45,8 @@ class DemoResult:
     adapter: Path
     job_dir: Path
     registered: Path | None
+    model_card: str  # the pipeline's output: the registered model's card, or why nothing was registered
+    pipeline: str  # the variant that ran
     seconds: float
 
 
@@ -68,8 +69,11 @@ def run_demo(workdir: str | Path, *, source: str = "synthetic", threshold: float
     """Run the pipeline with kfp.local; settings override DEMO (steps, batch_size, ...)."""
     import kfp.local
 
-    from pipelines.kfp_pipeline.pipeline import DEFAULT_THRESHOLD, arrcoc_train
+    from pipelines.jobs.team_config import TeamConfig
+    from pipelines.kfp_pipeline.pipeline import DEFAULT_THRESHOLD, build_pipeline
+    from pipelines.kfp_pipeline.steps.prepare_data import DataSource
     from pipelines.kfp_pipeline.steps.train import TEAM_CONFIG_FILE_ENV
+    from pipelines.kfp_pipeline.variants import pipeline_name
 
     values = {**DEMO, **settings}
     unknown = sorted(set(values) - set(DEMO))
@@ -78,16 +82,18 @@ def run_demo(workdir: str | Path, *, source: str = "synthetic", threshold: float
     for name, value in values.items():
         if value < (0 if name == "workers" else 1):
             raise DemoInputError(f"--{name.replace('_', '-')}={value} must be >= {0 if name == 'workers' else 1}")
-    if source != "synthetic" and not Path(source).is_dir():
-        raise DemoInputError(f"--source {source!r} is neither 'synthetic' nor an existing image folder")
+    parsed = DataSource.parse(source, label="--source")
+    if parsed.vqa:  # the demo trains the tiny model of the scenes task
+        raise DemoInputError(f"--source {source}: a VQA source needs a Qwen-VL --base-model; the demo takes "
+                             f"synthetic or an image folder")
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    # A bad file fails here, in one line, before anything runs; its dataBucket picks the pipeline variant.
+    team = TeamConfig.from_file(team_config) if team_config else TeamConfig.local_default()
+    pipeline = build_pipeline(bool(team.data_bucket))
     workdir = Path(workdir).resolve()
     root = workdir / "pipeline-root"
     root.mkdir(parents=True, exist_ok=True)
     if team_config:
-        from pipelines.jobs.team_config import TeamConfig
-
-        TeamConfig.from_file(team_config)  # a bad file fails here, in one line, before anything runs
         # The train step runs in a subprocess that inherits this environment (kfp.local passes it on).
         os.environ[TEAM_CONFIG_FILE_ENV] = str(Path(team_config).resolve())
     else:
@@ -101,34 +107,27 @@ def run_demo(workdir: str | Path, *, source: str = "synthetic", threshold: float
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         try:
-            arrcoc_train(
-                backend="local", source=str(Path(source).resolve()) if source != "synthetic" else source, seed=seed,
-                threshold=threshold, model_store=str(workdir / "models"), checkpoint_pvc="", **values)
+            outputs = pipeline(
+                backend="local", source=str(parsed.folder.resolve()) if parsed.folder else str(parsed), seed=seed,
+                threshold=threshold, model_store=str(workdir / "models"), checkpoint_pvc="", **values).outputs
         except RuntimeError as exc:
             failed = _ANSI.sub("", str(exc))
             raise DemoError(f"{failed} (task logs above; outputs under {root})") from None
     seconds = time.monotonic() - started
-    # kfp.local makes one folder per run (<pipeline>-<time>) with one folder per task that ran. The pipeline has two
-    # branches (with and without the team's data bucket, pipeline.py) whose tasks KFP names plainly and with a -2
-    # suffix; only one of them ran.
-    (run_dir,) = [p for p in root.iterdir() if p not in earlier and p.is_dir()]
-
-    def task_dir(name: str) -> Path | None:
-        return next((d for d in (run_dir / name, run_dir / f"{name}-2") if d.is_dir()), None)
-
-    evaluated, trained, registered_dir = task_dir("evaluate"), task_dir("train"), task_dir("register")
+    (run_dir,) = [p for p in root.iterdir() if p not in earlier and p.is_dir()]  # <pipeline>-<time>, a task each
     # KFP names the artifact file after the output ("report"); browsers want an .html name to render it.
     report = run_dir / "report.html"
-    shutil.copyfile(evaluated / "report", report)
+    shutil.copyfile(outputs["report"].path, report)
     registered = None
-    if registered_dir is not None:
-        output = json.loads((registered_dir / "executor_output.json").read_text())
-        registered = Path(output["parameterValues"]["Output"])
-    metrics = evaluated / "metrics"  # the evaluate step writes its logged metrics there as JSON
+    if (run_dir / "register").is_dir():
+        output = json.loads((run_dir / "register" / "executor_output.json").read_text())
+        registered = Path(output["parameterValues"]["path"])
+    metrics = Path(outputs["metrics"].path)  # the evaluate step writes its logged metrics there as JSON
     return DemoResult(
-        run_dir=run_dir, report=report, summary=evaluated / "summary", metrics=metrics,
-        relevance_score=float(json.loads(metrics.read_text())["relevance_score"]), adapter=trained / "adapter",
-        job_dir=trained / "job", registered=registered, seconds=seconds,
+        run_dir=run_dir, report=report, summary=run_dir / "evaluate" / "summary", metrics=metrics,
+        relevance_score=float(json.loads(metrics.read_text())["relevance_score"]),
+        adapter=Path(outputs["adapter"].path), job_dir=run_dir / "train" / "job", registered=registered,
+        model_card=outputs["model_card"], pipeline=pipeline_name(bool(team.data_bucket)), seconds=seconds,
     )
 
 
@@ -143,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
 
     lines = [
         "",
-        f"arrcoc demo: pipeline finished in {result.seconds:.0f} s; relevance_score={result.relevance_score:.4f} "
-        f"(threshold {args.threshold:g})",
+        f"arrcoc demo: pipeline {result.pipeline} finished in {result.seconds:.0f} s; "
+        f"relevance_score={result.relevance_score:.4f} (threshold {args.threshold:g})",
         f"  report (open in a browser): {show(result.report)}",
         f"  summary (Markdown):         {show(result.summary)}",
         f"  metrics (JSON):             {show(result.metrics)}",

@@ -10,29 +10,12 @@ import base64
 import html
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-QUESTION = {"SHAPE?": "Which shape is the {colour} object?", "WHERE?": "Where is the {colour} object?"}
-
-
-@dataclass
-class Row:
-    image: np.ndarray  # [H,W,3] uint8
-    qtype: str  # SHAPE? | WHERE?
-    colour: str
-    relevance: np.ndarray  # [G,G] blended r in [0,1]
-    tokens: np.ndarray  # [G,G] visual tokens per cell (0 outside the selection)
-    truth: np.ndarray | None  # [G,G] ground-truth relevance, None for image-folder images
-    answer: str | None  # the true answer, None without ground truth
-    predicted: str
-    label: str  # e.g. "eval scene 3" or the file name
-
-    @property
-    def question(self) -> str:
-        return QUESTION.get(self.qtype, "{colour} " + self.qtype).format(colour=self.colour)
-
+if TYPE_CHECKING:
+    from trainer.task import Example
 
 def _fixed(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
@@ -48,7 +31,7 @@ def _overlay(ax, image: np.ndarray, cells: np.ndarray, cmap: str, vmax: float, t
     ax.set_title(title, fontsize=9)
 
 
-def row_png(row: Row, dpi: int = 72) -> bytes:
+def row_png(row: Example, dpi: int = 72) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")  # no display in a pipeline pod or under kfp.local
@@ -101,24 +84,27 @@ def load_curves(adapter_dir) -> dict | None:
 
 
 def curves_svg(curves: Mapping[str, list]) -> str:
-    """Training loss and every evaluation metric against the optimizer step, side by side, as inline SVG (line
-    plots stay sharp at any zoom; the page's PNGs are the per-query pictures)."""
+    """Training loss, and every evaluation metric when there are two evaluations or more, against the optimizer
+    step, as inline SVG (line plots stay sharp at any zoom; the page's PNGs are the per-query pictures)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.0))
+    evals = curves.get("eval") or []
+    fig, axes = plt.subplots(1, 2 if len(evals) > 1 else 1, figsize=(9.6 if len(evals) > 1 else 4.8, 3.0),
+                             squeeze=False)
     loss = curves.get("loss") or []
+    left = axes[0][0]
     left.plot([p["step"] for p in loss], [p["loss"] for p in loss], marker=".")
     left.set_title("training loss", fontsize=9)
     left.set_xlabel("step", fontsize=8)
-    evals = curves.get("eval") or []
-    for name in (k for k in (evals[0] if evals else {}) if k != "step"):
-        right.plot([e["step"] for e in evals], [e[name] for e in evals], marker="o", label=name)
-    right.set_title("evaluation", fontsize=9)
-    right.set_xlabel("step", fontsize=8)
-    if evals:
+    if len(evals) > 1:
+        right = axes[0][1]
+        for name in (k for k in evals[0] if k != "step"):
+            right.plot([e["step"] for e in evals], [e[name] for e in evals], marker="o", label=name)
+        right.set_title("evaluation", fontsize=9)
+        right.set_xlabel("step", fontsize=8)
         right.legend(fontsize=7)
     fig.tight_layout()
     buf = io.StringIO()
@@ -126,6 +112,15 @@ def curves_svg(curves: Mapping[str, list]) -> str:
     plt.close(fig)
     text = buf.getvalue()
     return text[text.index("<svg"):]  # drop the XML prolog and doctype: the SVG sits inside the HTML page
+
+
+def _evaluations_table(evals: Sequence[Mapping[str, float]]) -> str:
+    """The run's evaluations as a table (a single evaluation is one point: no chart)."""
+    names = [k for k in evals[0] if k != "step"]
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ("step", *names))
+    rows = "".join("<tr>" + f"<td>{e['step']}</td>" + "".join(f"<td>{e[n]:.4f}</td>" for n in names) + "</tr>"
+                   for e in evals)
+    return f"<table><tr>{head}</tr>{rows}</table>"
 
 
 def _table(pairs: Sequence[tuple[str, str]]) -> str:
@@ -156,10 +151,10 @@ def budget_curve_section(curve: Mapping) -> str:
 
 
 def html_report(metrics: Mapping[str, float], baseline: Mapping[str, float], tensions: Mapping[str, float],
-                facts: Mapping[str, object], scene_rows: Sequence[Row], folder_rows: Sequence[Row],
+                facts: Mapping[str, object], scene_rows: Sequence[Example], folder_rows: Sequence[Example],
                 curves: Mapping[str, list] | None = None, budget_curve: Mapping | None = None) -> str:
     """The whole page; every picture is embedded (the KFP UI shows an HTML artifact as a single file)."""
-    def figures(rows: Sequence[Row]) -> str:
+    def figures(rows: Sequence[Example]) -> str:
         out = []
         for row in rows:
             data = base64.b64encode(row_png(row)).decode("ascii")
@@ -183,6 +178,8 @@ def html_report(metrics: Mapping[str, float], baseline: Mapping[str, float], ten
     ]
     if curves:
         parts += ["<h2>Training curves</h2>", f"<figure>{curves_svg(curves)}</figure>"]
+        if len(curves.get("eval") or []) == 1:
+            parts += ["<h2>Evaluation during training</h2>", _evaluations_table(curves["eval"])]
     if budget_curve:
         parts.append(budget_curve_section(budget_curve))
     if scene_rows or not budget_curve:

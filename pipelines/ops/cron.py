@@ -1,13 +1,6 @@
-"""Cron expressions as KFP's scheduler reads them: 6 fields, seconds first (robfig/cron).
-
-KFP's ScheduledWorkflow controller parses `cron_schedule.cron` with robfig/cron, whose fields are
-`seconds minutes hours day-of-month month day-of-week`, and whose day-of-week is optional. So a
-5-field crontab line such as '0 2 * * *' is not rejected: it is read as seconds=0 minutes=2, i.e.
-hourly at :02 instead of nightly at 02:00. The SDK sends the string unchanged, so we check it here,
-before any request, and refuse anything but the full 6-field form (or one of robfig's fixed
-descriptors). The rules below follow robfig/cron's parser; where it silently accepts nonsense
-(for example '*-5'), we refuse.
-"""
+"""Cron expressions as KFP's scheduler reads them: 6 fields, seconds first (robfig/cron). A 5-field crontab line
+would be read as seconds-first and run hourly, so anything but the 6-field form (or a robfig descriptor) is
+refused before any request (docs/operations.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,14 +1,7 @@
-"""`arrcoc pipeline upload|run|schedule|unschedule|list`: day-to-day KFP operations, each safe to repeat.
-
-Everything goes through kfp.Client. Where to find KFP: --host, else $KFP_HOST, else --port-forward
-(kubectl port-forward to the KFP UI service, which proxies the API). Token: --token-file, else
-$KFP_TOKEN. Team namespace (multi-user KFP): --namespace, else $KFP_NAMESPACE; pipelines, experiments
-and schedules are looked up and created there.
-
-Repeating a command changes nothing that is already as asked: an uploaded version of the same name is
-left alone; a schedule identical to its file is left alone, a different one is replaced (KFP has no
-update call for recurring runs). Input files are read and checked before the first request, and all
-of `schedule --from DIR` is resolved before anything is written.
+"""`arrcoc pipeline upload|run|schedule|unschedule|list`: day-to-day KFP operations through kfp.Client, each safe
+to repeat, every input checked before the first request. upload, run and schedule take the team's pipeline
+variant (--team, else the namespace; its overlay's team-config says whether it has a data bucket) and refuse the
+other one. Where KFP is, the token, the namespace, and what repeating a command does: docs/operations.md.
 """
 from __future__ import annotations
 
@@ -28,10 +21,11 @@ from typing import Any
 
 import yaml
 
+from pipelines.kfp_pipeline.variants import compiled_file, pipeline_name, variant_of
 from pipelines.ops.cron import validate_cron
 
-COMPILED = Path(__file__).parents[1] / "kfp_pipeline" / "compiled" / "arrcoc_train.yaml"
 SCHEDULES = Path(__file__).parent / "schedules"
+TEAM_OVERLAYS = Path(__file__).parents[2] / "kustomize" / "overlays"
 PORT_FORWARD = ["kubectl", "port-forward", "-n", "kubeflow", "svc/ml-pipeline-ui", "8080:80"]
 PORT_FORWARD_URL = "http://127.0.0.1:8080"
 SCHEDULE_KEYS = {"name", "cron", "experiment", "parameters", "pipeline", "version", "enabled"}
@@ -68,16 +62,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"run `{' '.join(PORT_FORWARD)}` for this command and use {PORT_FORWARD_URL}")
     group.add_argument("--token-file", help="file holding a bearer token (default: $KFP_TOKEN)")
     group.add_argument("--namespace", help="team namespace on multi-user KFP (default: $KFP_NAMESPACE)")
+    group.add_argument("--team", metavar="TEAM|DIR", help="the team whose pipeline variant to use: "
+                       "kustomize/overlays/TEAM, or an overlay folder (default: the namespace)")
 
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     up = actions.add_parser("upload", parents=[connection], help="upload a compiled pipeline as a new version")
-    up.add_argument("pipeline_yaml", metavar="PIPELINE_YAML")
+    up.add_argument("pipeline_yaml", metavar="PIPELINE_YAML", nargs="?",
+                    help="default: the team's variant in pipelines/kfp_pipeline/compiled/")
     up.add_argument("--name", help="pipeline name (default: pipelineInfo.name in the file)")
     up.add_argument("--version", help="version name (default: short git commit, '-dirty' if the tree is)")
     up.add_argument("--description", default="", help="version description")
 
     run_p = actions.add_parser("run", parents=[connection], help="start one run of an uploaded version")
-    run_p.add_argument("--pipeline", required=True)
+    run_p.add_argument("--pipeline", help="default: the team's variant")
     run_p.add_argument("--version", help="version name (default: the latest)")
     run_p.add_argument("--params", help="YAML file: parameter -> value (default: the pipeline's defaults)")
     run_p.add_argument("--experiment", required=True)
@@ -91,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sched.add_argument("--cron", help="6 fields, seconds first, e.g. '0 0 2 * * *' (02:00 daily)")
     sched.add_argument("--params", help="YAML file: parameter -> value")
     sched.add_argument("--experiment")
-    sched.add_argument("--pipeline", help=f"default: the name in {_rel(COMPILED)}")
+    sched.add_argument("--pipeline", help="default: the team's variant")
     sched.add_argument("--version", help="default: the latest version at apply time")
     sched.add_argument("--dry-run", action="store_true", help="check the schedules and print them; no KFP needed")
 
@@ -104,17 +101,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Read and check every input before opening a connection: bad input never reaches KFP.
+    team = team_pipeline(args) if args.action in ("upload", "run", "schedule") else None
     if args.action == "upload":
-        pipeline_file = PipelineFile.read(Path(args.pipeline_yaml))
-        version = args.version or git_version(Path(args.pipeline_yaml))
+        path = Path(args.pipeline_yaml) if args.pipeline_yaml else _required(team, "upload", "PIPELINE_YAML").file
+        pipeline_file = PipelineFile.read(path)
+        name = args.name or pipeline_file.name
+        if team is not None:
+            team.check(name, str(path))
+        version = args.version or git_version(path)
         with connect(args) as kfp:
-            return kfp.upload(pipeline_file, args.name or pipeline_file.name, version, args.description)
+            return kfp.upload(pipeline_file, name, version, args.description)
     if args.action == "run":
+        pipeline = args.pipeline or _required(team, "run", "--pipeline").name
+        if team is not None:
+            team.check(pipeline, "--pipeline")
         params = load_params(args.params)
         with connect(args) as kfp:
-            return kfp.run(args.pipeline, args.version, params, args.params, args.experiment, args.run_name)
+            return kfp.run(pipeline, args.version, params, args.params, args.experiment, args.run_name)
     if args.action == "schedule":
-        schedules = schedules_from_args(args)
+        schedules = schedules_from_args(args, team)
         if args.dry_run:
             dry_run(schedules)
             return 0
@@ -125,6 +130,61 @@ def run(args: argparse.Namespace) -> int:
             return kfp.unschedule(args.name, args.delete)
     with connect(args) as kfp:
         return kfp.listing()
+
+
+# ---------------------------------------------------------------- the team's pipeline variant
+@dataclass(frozen=True)
+class TeamPipeline:
+    """The variant of the pipeline a team runs, from its team-config's dataBucket."""
+
+    team: str
+    data_bucket: str  # "" = none
+    name: str
+    file: Path
+
+    @classmethod
+    def of(cls, team: str, data_bucket: str) -> TeamPipeline:
+        return cls(team, data_bucket, pipeline_name(bool(data_bucket)), compiled_file(bool(data_bucket)))
+
+    def check(self, pipeline: str, where: str) -> None:
+        """Refuse our other variant: its prepare-data and evaluate would (or would not) mount a claim that the
+        team does not (or does) have, and its train step fails on the mismatch."""
+        other = variant_of(pipeline)
+        if other is None or pipeline == self.name:
+            return
+        has = f"sets dataBucket={self.data_bucket!r}" if self.data_bucket else "sets no dataBucket"
+        raise InputError(f"{where}: pipeline {pipeline!r} is the variant for teams "
+                         f"{'with' if other else 'without'} a data bucket, and {self.team}'s team-config {has}: "
+                         f"use {self.name!r}")
+
+
+def team_pipeline(args: argparse.Namespace) -> TeamPipeline | None:
+    """The pipeline variant of --team (an overlay folder, or kustomize/overlays/TEAM), else of the namespace when
+    kustomize/overlays has that team; None when no team is known."""
+    from pipelines.jobs.team_config import TeamConfig, TeamConfigError
+
+    team = getattr(args, "team", None)
+    if team:
+        overlay = Path(team) if Path(team).is_dir() else TEAM_OVERLAYS / team
+        if not overlay.is_dir():
+            known = ", ".join(sorted(p.name for p in TEAM_OVERLAYS.iterdir() if p.is_dir()))
+            raise InputError(f"--team {team}: neither an overlay folder nor a team of kustomize/overlays ({known})")
+    else:
+        team = args.namespace or os.environ.get("KFP_NAMESPACE")
+        overlay = TEAM_OVERLAYS / team if team else None
+        if overlay is None or not overlay.is_dir():
+            return None
+    try:
+        return TeamPipeline.of(team, TeamConfig.from_overlay(overlay).data_bucket)
+    except TeamConfigError as exc:
+        raise InputError(f"--team {team}: {exc}") from None
+
+
+def _required(team: TeamPipeline | None, action: str, what: str) -> TeamPipeline:
+    if team is None:
+        raise InputError(f"{action}: name {what}, or the team whose pipeline variant to use (--team TEAM, or "
+                         "--namespace / $KFP_NAMESPACE of a team in kustomize/overlays)")
+    return team
 
 
 def _rel(path: Path) -> str:
@@ -205,7 +265,7 @@ class Schedule:
     cron: str
     experiment: str
     parameters: dict[str, Any] = field(default_factory=dict)
-    pipeline: str | None = None  # None until _with_pipeline: the name in the compiled pipeline YAML
+    pipeline: str | None = None  # None until _with_pipeline: the team's variant
     version: str | None = None  # None: the latest version when applied
     enabled: bool = True
     source: str = "command line"
@@ -264,14 +324,14 @@ def load_schedules(directory: Path) -> list[Schedule]:
     return schedules
 
 
-def schedules_from_args(args: argparse.Namespace) -> list[Schedule]:
+def schedules_from_args(args: argparse.Namespace, team: TeamPipeline | None) -> list[Schedule]:
     single = [flag for flag, value in (("NAME", args.name), ("--cron", args.cron), ("--params", args.params),
                                        ("--experiment", args.experiment), ("--pipeline", args.pipeline),
                                        ("--version", args.version)) if value]
     if args.from_dir:
         if single:
             raise InputError(f"--from DIR takes everything from its files; drop {', '.join(single)}")
-        return [_with_pipeline(s) for s in load_schedules(Path(args.from_dir))]
+        return [_with_pipeline(s, team) for s in load_schedules(Path(args.from_dir))]
     missing = [flag for flag, value in (("NAME", args.name), ("--cron", args.cron),
                                         ("--experiment", args.experiment)) if not value]
     if missing:
@@ -282,26 +342,31 @@ def schedules_from_args(args: argparse.Namespace) -> list[Schedule]:
         raise InputError(f"--cron: {exc}") from None
     return [_with_pipeline(Schedule(name=args.name, cron=cron, experiment=args.experiment,
                                     parameters=load_params(args.params), pipeline=args.pipeline,
-                                    version=args.version, source=args.params or "command line"))]
+                                    version=args.version, source=args.params or "command line"), team)]
 
 
-def _with_pipeline(schedule: Schedule) -> Schedule:
-    """A schedule that names no pipeline follows the compiled one in the repository."""
+def _with_pipeline(schedule: Schedule, team: TeamPipeline | None) -> Schedule:
+    """A schedule runs its team's variant: one that names none gets it, one that names the other is refused."""
+    where = schedule.source if schedule.source != "command line" else "--pipeline"
     if schedule.pipeline:
+        if team is not None:
+            team.check(schedule.pipeline, where)
         return schedule
-    if not COMPILED.is_file():
-        raise InputError(f"{schedule.source}: names no pipeline, and {_rel(COMPILED)}, which gives the default, "
-                         "is missing: run `make compile` or name one with `pipeline:`")
-    return dataclasses.replace(schedule, pipeline=PipelineFile.read(COMPILED).name)
+    if team is None:
+        raise InputError(f"{schedule.source}: names no pipeline, and no team is known to choose the variant: pass "
+                         "--team TEAM (or --namespace / $KFP_NAMESPACE of a team in kustomize/overlays), or name "
+                         "one with `pipeline:`")
+    return dataclasses.replace(schedule, pipeline=team.name)
 
 
 def dry_run(schedules: list[Schedule]) -> None:
-    """Print what would be applied; parameters are checked against the compiled pipeline where that is the target."""
-    compiled = PipelineFile.read(COMPILED) if COMPILED.is_file() else None
+    """Print what would be applied; parameters are checked against our compiled variant where that is the target."""
     for schedule in schedules:
-        if compiled is not None and schedule.pipeline == compiled.name and schedule.version is None:
+        variant = variant_of(schedule.pipeline or "")
+        if variant is not None and schedule.version is None and compiled_file(variant).is_file():
+            compiled = PipelineFile.read(compiled_file(variant))
             check_parameters(schedule.parameters, compiled.parameters, schedule.source,
-                             f"{_rel(COMPILED)} ({compiled.name})")
+                             f"{_rel(compiled.path)} ({compiled.name})")
         print(f"{schedule.source}: {schedule.describe()}")
 
 

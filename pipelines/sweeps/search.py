@@ -256,7 +256,7 @@ def run_trial(experiment: Experiment, job: dict, record: TrialRecord, workdir: P
 
 
 def _default_runner() -> Runner:
-    from pipelines.jobs.backends import backend_for
+    from pipelines.jobs.client import backend_for
 
     return backend_for("local").run
 

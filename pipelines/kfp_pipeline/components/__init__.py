@@ -1,13 +1,6 @@
-"""The pipeline's components. Each step is two modules: a small @dsl.component (prepare_data, train, evaluate,
-register) and the plain code that does its work (the module of the same name in steps/).
-
-Why the split: KFP copies only a component function's own source into the container, so the body must import
-its work from our package (preinstalled in the trainer image, as on the laptop); and at run time KFP sets
-_KFP_RUNTIME=true, under which kfp.dsl has no `component` decorator, so the work must live in modules that
-do not decorate anything. The work modules are what the tests exercise directly. The component modules do
-not use `from __future__ import annotations`: kfp 2.17 reads component signatures at decoration time and
-rejects string annotations.
-"""
+"""The pipeline's components: each step is a small @dsl.component here that imports its work from the module of
+the same name in steps/ (why the split, and why no `from __future__ import annotations` here: docs/pipeline.md,
+"Components and the image")."""
 
 # Every component runs in the trainer image: our package, torch and kfp are already there, so nothing is
 # pip-installed at run time (clusters may have no PyPI access, laptops no network).

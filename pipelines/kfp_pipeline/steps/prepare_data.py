@@ -1,19 +1,14 @@
-"""prepare-data's work: train and eval datasets in trainer.data's directory format (images, queries, answers,
-relevance; no texture arrays: the trainer computes textures batched on its training device).
+"""prepare-data's work: the train and eval datasets a run reads, from a data source (DataSource: the
+mini-language `synthetic`, `vqa-synthetic`, `vqav2:DIR`, `gqa:DIR` or an image folder, parsed once).
 
-source "synthetic": train scenes 0..train_size-1 of the seed's train stream and eval scenes 0..eval_size-1 of
-its eval stream, exactly the samples the trainer would generate itself, so a prepared run and an unprepared
-one see the same data.
-
-source = an image folder (jpg/png): such images have no queries and no ground truth, so they cannot train the
-adapter nor score it. Training and the gate's evaluation still use the synthetic scenes of the seed; the
-folder's images (centre-cropped, resized to 64x64) travel in the eval dataset as extra arrays
-(`folder_images`, `folder_names`) and the evaluation report draws them under every colour
-query. Unreadable files are named on stderr and skipped; a folder with no readable image fails.
+Scene sources write trainer.data's directory format (images, queries, answers, relevance; the trainer computes the
+textures on its device); the VQA sources write trainer.vqa's JSONL for a Qwen-VL base. What each source holds
+and how it is converted: docs/pipeline.md (prepare-data) and docs/vlm.md.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +16,6 @@ import numpy as np
 
 from trainer.errors import UserError
 
-SYNTHETIC = "synthetic"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -29,14 +23,56 @@ class PrepareError(UserError):
     """A data source prepare-data cannot read: one line, exit code 2."""
 
 
+SYNTHETIC, VQA_SYNTHETIC, FOLDER = "synthetic", "vqa-synthetic", "folder"
+VQA_FORMATS = ("vqav2", "gqa")  # KIND:DIR, DIR holding train/ and eval/ in that format
+SOURCES = f"{SYNTHETIC}, {VQA_SYNTHETIC}, " + ", ".join(f"{f}:DIR" for f in VQA_FORMATS) + " or an image folder"
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A parsed data source: its kind (synthetic, vqa-synthetic, vqav2, gqa, folder) and its folder, if any."""
+
+    kind: str
+    folder: Path | None = None
+
+    @property
+    def vqa(self) -> bool:
+        """Whether it makes JSONL for a Qwen-VL base (else scenes for the tiny LM's task)."""
+        return self.kind == VQA_SYNTHETIC or self.kind in VQA_FORMATS
+
+    def __str__(self) -> str:
+        return {SYNTHETIC: SYNTHETIC, VQA_SYNTHETIC: VQA_SYNTHETIC, FOLDER: str(self.folder)}.get(
+            self.kind, f"{self.kind}:{self.folder}")
+
+    @classmethod
+    def parse(cls, text: str, label: str = "source") -> DataSource:
+        """The one reading of the mini-language; a bad source is one line naming `label` and what it accepts."""
+        if text in (SYNTHETIC, VQA_SYNTHETIC):
+            return cls(text)
+        kind, colon, rest = text.partition(":")
+        if colon and kind in VQA_FORMATS:
+            folder = Path(rest)
+            if not folder.is_dir():
+                raise PrepareError(f"{label} {text}: {rest!r} is not a folder{_data_mount_hint(rest)}")
+            return cls(kind, folder)
+        if Path(text).is_dir():
+            return cls(FOLDER, Path(text))
+        raise PrepareError(f"{label} {text!r} is neither a source name nor an existing folder{_data_mount_hint(text)};"
+                           f" allowed: {SOURCES}")
+
+
+def _data_mount_hint(path: str) -> str:
+    from pipelines.jobs.team_config import DATA_MOUNT
+
+    return (f" ({DATA_MOUNT} holds the team's dataBucket only when team-config sets it and the team's overlay adds "
+            f"kustomize/components/data-bucket)") if path.startswith(DATA_MOUNT + "/") else ""
+
+
 def read_folder(folder: str | Path, size: int = 64) -> tuple[np.ndarray, list[str], list[str]]:
     """Images of a folder as [N,size,size,3] RGB uint8, their file names, and the names that could not be read."""
     import cv2
 
     folder = Path(folder)
-    if not folder.is_dir():
-        raise PrepareError(f"source {str(folder)!r} is neither {SYNTHETIC!r} nor an existing image folder "
-                           f"(or {VQA_SYNTHETIC!r}, vqav2:DIR, gqa:DIR for a Qwen-VL base)")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise PrepareError(f"source {folder}: no image files (allowed: {', '.join(IMAGE_SUFFIXES)})")
@@ -77,8 +113,6 @@ def read_folder(folder: str | Path, size: int = 64) -> tuple[np.ndarray, list[st
 #          ({imageId: {objects: {id: {x, y, w, h}}}}): the objects the question and answer refer to are the boxes.
 # The JSONL's image paths point back into DIR (relative to the JSONL file), so images are not copied: the
 # trainer must see DIR at the same path (the bucket mount) as this step.
-VQA_SYNTHETIC = "vqa-synthetic"
-VQA_FORMATS = ("vqav2", "gqa")
 VQA_FILE = "data.jsonl"
 
 
@@ -140,7 +174,7 @@ def _write_vqa_jsonl(records: list[dict], split_dir: Path, out_dir: Path) -> Pat
     return write_text_atomic(out_dir / VQA_FILE, "".join(line + "\n" for line in lines))
 
 
-def prepare_vqa(source: str, seed: int, train_size: int, eval_size: int, train_dir: str | Path,
+def prepare_vqa(source: DataSource, seed: int, train_size: int, eval_size: int, train_dir: str | Path,
                 eval_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The JSONL sources: synthetic scenes as PNG files, or a VQAv2 / GQA folder converted (at most
     train_size / eval_size examples each)."""
@@ -148,22 +182,15 @@ def prepare_vqa(source: str, seed: int, train_size: int, eval_size: int, train_d
     from trainer.vqa import write_scene_jsonl
 
     train_dir, eval_dir = Path(train_dir), Path(eval_dir)
-    common = {"source": source, "seed": seed, "format": f"trainer.vqa JSONL ({VQA_FILE})"}
-    if source == VQA_SYNTHETIC:
+    common = {"source": str(source), "seed": seed, "format": f"trainer.vqa JSONL ({VQA_FILE})"}
+    if source.kind == VQA_SYNTHETIC:
         write_scene_jsonl(train_dir, train_size, seed)
         write_scene_jsonl(eval_dir, eval_size, seed, offset=1_000_000_000)
         metas = ({**common, "split": "train", "count": train_size}, {**common, "split": "eval", "count": eval_size})
     else:
-        kind, _, folder = source.partition(":")
-        reader = {"vqav2": vqav2_records, "gqa": gqa_records}[kind]
-        if not Path(folder).is_dir():
-            from pipelines.jobs.team_config import DATA_MOUNT
-
-            hint = (f" ({DATA_MOUNT} holds the team's dataBucket only when team-config sets it and the team's overlay "
-                    f"adds kustomize/components/data-bucket)" if folder.startswith(DATA_MOUNT + "/") else "")
-            raise PrepareError(f"source {source}: {folder!r} is not a folder{hint}")
+        reader = {"vqav2": vqav2_records, "gqa": gqa_records}[source.kind]
         # convert both splits before writing either: a bad source leaves nothing behind
-        splits = [(Path(folder) / name, reader(Path(folder) / name)[:size])
+        splits = [(source.folder / name, reader(source.folder / name)[:size])
                   for name, size in (("train", train_size), ("eval", eval_size))]
         for split_dir, records in splits:
             if not records:
@@ -186,12 +213,13 @@ def prepare(source: str, seed: int, train_size: int, eval_size: int, train_dir: 
         if int(value) <= 0:
             raise PrepareError(f"{name}={value} must be a positive integer")
     train_size, eval_size, seed = int(train_size), int(eval_size), int(seed)
-    if source == VQA_SYNTHETIC or source.partition(":")[0] in VQA_FORMATS:
+    source = DataSource.parse(source)
+    if source.vqa:
         return prepare_vqa(source, seed, train_size, eval_size, train_dir, eval_dir)
     # Read (and fail on) the folder before anything is written: a failed step leaves no half dataset behind.
-    folder = None if source == SYNTHETIC else read_folder(source)
+    folder = read_folder(source.folder) if source.kind == FOLDER else None
 
-    common = {"source": source, "seed": seed, "image_shape": [64, 64, 3], "relevance_shape": [8, 8],
+    common = {"source": str(source), "seed": seed, "image_shape": [64, 64, 3], "relevance_shape": [8, 8],
               "format": "trainer.data (scenes.npz + metadata.json)"}
     train = generate(seed, 0, train_size)
     train_meta = {**common, "split": "train", "count": train_size, "stream_offset": 0,

@@ -3,7 +3,7 @@
 Layout: <model_store>/<run id>/adapter/ (the loadable adapter), model_card.json (machine-readable) and
 MODEL_CARD.md (for people). The entry appears whole or not at all: it is assembled in a temporary directory
 beside it and renamed into place; a retried step replaces its own entry. The pipeline calls this step only
-inside dsl.If(<gate metric> >= threshold), so below the threshold nothing is written.
+inside dsl.If(<gate metric> >= threshold), so below the threshold nothing is written (not-registered says so).
 """
 from __future__ import annotations
 
@@ -40,8 +40,14 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def below_threshold(value: float, threshold: float, gate_metric: str) -> str:
+    """What the run shows in the card's place when the gate is closed."""
+    return f"Not registered: {gate_metric} {value:.4f} is below the threshold {threshold:g}.\n"
+
+
 def register_model(adapter_dir: str | Path, model_store: str | Path, run_id: str, metrics: dict[str, float],
-                   threshold: float, lineage: dict[str, Any], gate_metric: str = "relevance_score") -> Path:
+                   threshold: float, lineage: dict[str, Any], gate_metric: str = "relevance_score") -> tuple[Path, str]:
+    """The registered entry's path and its MODEL_CARD.md."""
     adapter_dir, store = Path(adapter_dir), Path(model_store)
     if not (adapter_dir / "arrcoc_config.json").is_file():
         raise ValueError(f"adapter {adapter_dir}: no arrcoc_config.json; not an ARR-COC adapter")
@@ -52,5 +58,6 @@ def register_model(adapter_dir: str | Path, model_store: str | Path, run_id: str
     shutil.copytree(adapter_dir, tmp / "adapter")
     card = model_card(adapter_dir, metrics, threshold, {"run_id": run_id, **lineage}, gate_metric)
     (tmp / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-    (tmp / "MODEL_CARD.md").write_text(card_markdown(card))
-    return replace_dir(tmp, final)
+    markdown = card_markdown(card)
+    (tmp / "MODEL_CARD.md").write_text(markdown)
+    return replace_dir(tmp, final), markdown

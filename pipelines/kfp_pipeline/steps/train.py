@@ -1,21 +1,10 @@
-"""The train step's work: one PyTorchJob (pipelines.jobs.pytorchjob), launched on the cluster or rehearsed here.
-
-Getting the datasets to the replicas. A KFP step's input artifacts are downloaded into the step's own pod;
-the PyTorchJob's replicas are other pods and cannot see them. So the step stages both datasets on the team's
-checkpoint volume, keyed by run id, and the trainer reads them from there:
-
-    <checkpoint mount>/<run id>/data/train, .../data/eval   (staged by this step)
-    <checkpoint mount>/<run id>/adapter, metrics.json, checkpoints/   (written by the trainer: --out)
-
-Where the step sees that volume is the job backend's answer (pipelines/jobs/backends.py, volume_dir): on the
-cluster the step mounts the team's checkpoint PVC (pipeline parameter checkpoint_pvc, mounted with
-kfp.kubernetes.mount_pvc at the same path the replicas use), and the backend refuses a job whose checkpoint
-volume is not that PVC; locally the runner maps that mount path to <workdir>/volumes/checkpoints. Either way
-the step passes the very same container paths: the local run rehearses the cluster's data path.
-A KFP retry of the step reuses the run id, so the trainer (--resume auto) continues from its last checkpoint.
+"""The train step's work: stage the datasets on the team's checkpoint volume, run one PyTorchJob (built by
+pipelines/jobs/pytorchjob.py) on the cluster or rehearsed here, and collect its adapter. How the data reaches
+the replicas, and why through that volume: docs/pipeline.md ("Getting the data to the replicas").
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -24,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.kfp_pipeline.components import BASE_IMAGE
+from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.files import copy_dir_atomic, write_bytes_atomic, write_text_atomic
+from trainer.knobs import PIPELINE_KNOBS, flags
 
 # Locally, a team-config file (the ConfigMap YAML) may stand in for TeamConfig.local_default().
 TEAM_CONFIG_FILE_ENV = "ARRCOC_TEAM_CONFIG_FILE"
@@ -51,20 +42,46 @@ def team_config(backend: str):
     return TeamConfig.from_file(path) if path else TeamConfig.local_default()
 
 
-def trainer_args(params: dict[str, Any], train_dir: str, eval_dir: str) -> list[str]:
-    """Trainer flags (trainer/config.py names) from the pipeline's parameters; --out belongs to the builder."""
-    args = []
-    for name, value in params.items():
-        flag = name.replace("_", "-")
-        if isinstance(value, bool):  # on/off flags (argparse.BooleanOptionalAction): --flag or --no-flag
-            args.append(f"--{flag}" if value else f"--no-{flag}")
-        else:
-            args += ["--" + flag, str(value)]
-    return [*args, "--train-data", train_dir, "--eval-data", eval_dir]
+def team_knobs(knobs: TrainConfig, team) -> TrainConfig:
+    """The knobs a run left "" (trainer/knobs.py: those with a team-config key) as the team-config sets them:
+    strategy and precision as it chooses them for its GPU type, the base model (tiny when it names none)."""
+    chosen = {"trainStrategy": team.trainer_strategy(), "trainPrecision": team.trainer_precision(),
+              "baseModel": team.base_model or TrainConfig().base_model}
+    return dataclasses.replace(knobs, **{k.name: chosen[k.team_config] for k in PIPELINE_KNOBS
+                                         if k.team_config and getattr(knobs, k.name) == ""})
+
+
+def trainer_args(knobs: TrainConfig, train_dir: str, eval_dir: str) -> list[str]:
+    """Trainer flags: the run's knobs, then the staged datasets; --out belongs to the builder."""
+    return [*flags(knobs), "--train-data", train_dir, "--eval-data", eval_dir]
+
+
+def train_step(train_data, eval_data, adapter, job, knobs: TrainConfig, *, backend: str, run_id: str, image: str,
+               workers: int, nproc_per_node: str, checkpoint_pvc: str, timeout_minutes: int, delete_policy: str,
+               data_bucket: bool) -> None:
+    """The train component's work on its artifacts: run_training, then the adapter's and the job's metadata.
+    data_bucket is the compiled variant's: a team-config that disagrees fails the step before any job starts."""
+    team = team_config(backend)
+    if bool(team.data_bucket) != data_bucket:
+        from pipelines.kfp_pipeline.variants import pipeline_name
+
+        has = f"sets dataBucket={team.data_bucket!r}" if team.data_bucket else "sets no dataBucket"
+        raise TrainStepError(f"this run is pipeline {pipeline_name(data_bucket)}, but the team's team-config {has}: "
+                             f"run {pipeline_name(bool(team.data_bucket))} (arrcoc pipeline upload picks it)")
+    metrics = run_training(backend=backend, run_id=run_id, train_dir=train_data.path, eval_dir=eval_data.path,
+                           adapter_dir=adapter.path, job_dir=job.path, knobs=knobs, image=image, workers=workers,
+                           nproc_per_node=nproc_per_node, checkpoint_pvc=checkpoint_pvc,
+                           timeout_minutes=timeout_minutes, delete_policy=delete_policy)
+    adapter.metadata.update({
+        "framework": "arrcoc (peft LoRA + ARR-COC modules)", "pytorchjob": job_name_for(run_id), "run_id": run_id,
+        "step": metrics["step"], "train_relevance_score": metrics.get("relevance_score", float("nan")),
+        "tensions": metrics["tensions"], "train_data": train_data.uri,
+    })
+    job.metadata.update({"pytorchjob": job_name_for(run_id), "backend": backend, "workers": workers})
 
 
 def run_training(*, backend: str, run_id: str, train_dir: str, eval_dir: str, adapter_dir: str, job_dir: str,
-                 params: dict[str, Any], image: str = BASE_IMAGE, workers: int = 1, nproc_per_node: str = "",
+                 knobs: TrainConfig, image: str = BASE_IMAGE, workers: int = 1, nproc_per_node: str = "",
                  checkpoint_pvc: str = "", timeout_minutes: int = 720, delete_policy: str = "on-success",
                  workdir: str = "") -> dict[str, Any]:
     """Stage data, run the PyTorchJob, copy its adapter to adapter_dir; returns the trainer's metrics.json.
@@ -72,7 +89,8 @@ def run_training(*, backend: str, run_id: str, train_dir: str, eval_dir: str, ad
     job_dir receives pytorchjob.yaml, master.log and metrics.json. workdir is where the job backend keeps
     its logs (and, locally, the job's volumes); default: a sibling of adapter_dir.
     """
-    from pipelines.jobs.backends import ClusterOptions, JobFailed, backend_for
+    from pipelines.jobs.backends import ClusterOptions, JobFailed
+    from pipelines.jobs.client import backend_for
     from pipelines.jobs.cluster import DELETE_POLICIES
     from pipelines.jobs.pytorchjob import CHECKPOINT_MOUNT, CHECKPOINT_VOLUME, build_pytorchjob, to_manifest, to_yaml
 
@@ -84,14 +102,11 @@ def run_training(*, backend: str, run_id: str, train_dir: str, eval_dir: str, ad
     if not 1 <= int(timeout_minutes) <= MAX_TIMEOUT_MINUTES:
         raise TrainStepError(f"train_timeout_minutes={timeout_minutes} must be in 1..{MAX_TIMEOUT_MINUTES}")
     team = team_config(backend)
-    if "base_model" in params and not params["base_model"]:
-        from trainer.config import TrainConfig
-
-        params = {**params, "base_model": team.base_model or TrainConfig().base_model}
+    knobs = team_knobs(knobs, team)
     container_root = f"{CHECKPOINT_MOUNT}/{run_id}"
     job = build_pytorchjob(
         job_name_for(run_id), team=team, image=image,
-        trainer_args=trainer_args(params, f"{container_root}/data/train", f"{container_root}/data/eval"),
+        trainer_args=trainer_args(knobs, f"{container_root}/data/train", f"{container_root}/data/eval"),
         workers=int(workers), nproc_per_node=nproc_per_node or None, run_id=run_id,
         labels={"arrcoc.dev/launched-by": "kfp"}, active_deadline_seconds=int(timeout_minutes) * 60,
         checkpoint_mount=CHECKPOINT_MOUNT,
