@@ -178,6 +178,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def operator_pod_labels(job: str, rtype: str, index: int) -> dict[str, str]:
+    """The labels the Training Operator v1.9.2 adds to a replica's pod (kubeflow/trainer pkg/controller.v1/common
+    job_controller.go GenLabels and pod.go createNewPod)."""
+    labels = {"training.kubeflow.org/operator-name": OPERATOR_NAME, "training.kubeflow.org/job-name": job,
+              "training.kubeflow.org/replica-type": rtype.lower(), "training.kubeflow.org/replica-index": str(index)}
+    if rtype == "Master":
+        labels["training.kubeflow.org/job-role"] = "master"
+    return labels
+
+
 def _pod_addresses(count: int, ports: Sequence[int], tries: int = 50) -> list[str]:
     """`count` consecutive loopback addresses (never 127.0.0.1) on which every one of `ports` is free."""
     for _ in range(tries):
@@ -309,11 +319,7 @@ class _LocalJob:
     def _pod(self, rspec: Mapping[str, Any], rtype: str, index: int, container: Mapping[str, Any]) -> dict:
         """The Pod the operator would create for this replica, as far as discovery and scraping see it."""
         template_meta = (rspec.get("template") or {}).get("metadata") or {}
-        labels = {**(template_meta.get("labels") or {}), "training.kubeflow.org/operator-name": OPERATOR_NAME,
-                  "training.kubeflow.org/job-name": self.name, "training.kubeflow.org/replica-type": rtype.lower(),
-                  "training.kubeflow.org/replica-index": str(index)}
-        if rtype == "Master":
-            labels["training.kubeflow.org/job-role"] = "master"
+        labels = {**(template_meta.get("labels") or {}), **operator_pod_labels(self.name, rtype, index)}
         return {"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": f"{self.name}-{rtype.lower()}-{index}", "namespace": self.namespace,
                              "labels": labels, "annotations": dict(template_meta.get("annotations") or {})},
