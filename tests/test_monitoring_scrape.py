@@ -212,3 +212,18 @@ def test_every_dashboard_query_returns_data(live, tmp_path):
                      note="dashboards/arrcoc-training.json, rendered from the scrape test's Prometheus: a 2-replica "
                           "CPU run; GPU panels from a stand-in DCGM exporter with synthetic values; gap: SIGSTOP")
     assert picture.stat().st_size > 20_000
+
+
+def test_the_local_config_for_a_runs_pods_passes_promtool(tmp_path):
+    """`python -m pipelines.monitoring.scrape pods.json`: what an operator points a local Prometheus at."""
+    pods = [{"metadata": {"name": "j-master-0", "namespace": "local", "labels": {"arrcoc.dev/run-id": "j"}},
+             "spec": {"containers": [{"name": "pytorch", "ports": [{"name": "metrics", "containerPort": 9400}]}]},
+             "status": {"podIP": "127.1.2.3", "phase": "Running"}}]
+    (tmp_path / "pods.json").write_text(json.dumps(pods))
+    config = scrape.local_config(tmp_path / "pods.json", tmp_path / "prom")
+    checked = subprocess.run([shutil.which("promtool") or "promtool", "check", "config", str(config)],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    (group,) = json.loads((tmp_path / "prom" / "targets.json").read_text())
+    assert group["targets"] == ["127.1.2.3:9400"]
+    assert group["labels"]["__meta_kubernetes_pod_labelpresent_arrcoc_dev_run_id"] == "true"

@@ -11,9 +11,17 @@ and cluster labels the collector adds are left out.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import re
+import sys
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+from trainer.files import write_json_atomic, write_text_atomic
 
 DEFAULT_INTERVAL = "1m"  # the CRD's default for endpoints[].interval
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
@@ -104,3 +112,43 @@ def file_sd_targets(pods: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                           "__meta_kubernetes_pod_container_port_protocol": port.get("protocol", "TCP")}
                 groups.append({"targets": [f"{status.get('podIP', '')}:{port['containerPort']}"], "labels": labels})
     return groups
+
+
+def local_config(pods_file: Path, out_dir: Path, interval: str = "5s") -> Path:
+    """prometheus.yml (and its targets and rules files) in out_dir for the pods of a local run: the team's
+    PodMonitoring and Rules, placed in the pods' namespace, at `interval` instead of the cluster's 30 s / 1 m."""
+    from pipelines.monitoring import alerts
+
+    pods = json.loads(pods_file.read_text())
+    namespace = pods[0]["metadata"].get("namespace", "default") if pods else "default"
+    podmonitoring = yaml.safe_load(alerts.PODMONITORING.read_text())
+    podmonitoring["metadata"]["namespace"] = namespace
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets, rules = out_dir / "targets.json", out_dir / "team-rules.yaml"
+    write_json_atomic(targets, file_sd_targets(pods))
+    write_text_atomic(rules, yaml.safe_dump(alerts.rule_file(alerts.team_rules())))
+    configs = scrape_configs(podmonitoring, str(targets))
+    for config in configs:
+        config.update(scrape_interval=interval)
+    config = {"global": {"scrape_interval": interval, "evaluation_interval": interval},
+              "rule_files": [str(rules)], "scrape_configs": configs}
+    return write_text_atomic(out_dir / "prometheus.yml", yaml.safe_dump(config, sort_keys=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.monitoring.scrape",
+                                     description="A Prometheus config that scrapes a local run's pods as the team's "
+                                                 "PodMonitoring would: prometheus --config.file=OUT/prometheus.yml")
+    parser.add_argument("pods", type=Path, help="the local runner's pods.json (the train task's pytorchjob/ folder)")
+    parser.add_argument("--out", type=Path, default=Path("runs/prometheus"), help="default: runs/prometheus")
+    parser.add_argument("--interval", default="5s")
+    args = parser.parse_args(argv)
+    if not args.pods.is_file():
+        print(f"scrape: {args.pods}: no such file (it appears when a local PyTorchJob starts)", file=sys.stderr)
+        return 2
+    print(local_config(args.pods, args.out, args.interval))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
