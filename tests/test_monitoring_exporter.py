@@ -113,3 +113,22 @@ def test_a_port_in_use_is_a_one_line_error_before_anything_is_written(tmp_path):
 def test_a_port_out_of_range_is_refused(tmp_path, port):
     done = run_trainer("--steps", "5", "--out", str(tmp_path / "run"), "--metrics-port", port)
     assert done.returncode == 2 and "metrics_port" in done.stderr and "65535" in done.stderr
+
+
+def test_on_a_gpu_the_allocators_counters_are_read_at_scrape_time(monkeypatch):
+    """No GPU here: torch.cuda's counters are replaced by numbers; what is checked is that a CUDA world exports
+    them per GPU when scraped, and reads them then (not in the loop)."""
+    import torch
+    from prometheus_client import generate_latest
+
+    reads = []
+    for name, value in (("memory_allocated", 3 << 30), ("memory_reserved", 4 << 30), ("max_memory_allocated", 5 << 30)):
+        monkeypatch.setattr(torch.cuda, name, lambda device, v=value, n=name: reads.append(n) or v)
+    metrics = TrainingMetrics(TrainConfig(steps=10), World(device=torch.device("cuda", 1)))
+    assert reads == []
+    samples = {(s.name, tuple(s.labels.items())): s.value for family in text_string_to_metric_families(
+        generate_latest(metrics.registry).decode()) for s in family.samples}
+    assert samples[("arrcoc_gpu_memory_allocated_bytes", (("gpu", "1"),))] == 3 << 30
+    assert samples[("arrcoc_gpu_memory_reserved_bytes", (("gpu", "1"),))] == 4 << 30
+    assert samples[("arrcoc_gpu_memory_max_allocated_bytes", (("gpu", "1"),))] == 5 << 30
+    assert len(reads) == 3
