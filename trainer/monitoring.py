@@ -119,15 +119,7 @@ class TrainingMetrics:
 
     def timed(self, batches: Iterator) -> Iterator:
         """The DataLoader's iterator, with the time each next() blocks added to arrcoc_train_data_wait_seconds."""
-        clock, wait = time.perf_counter, self.data_wait
-        while True:
-            began = clock()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            wait.inc(clock() - began)
-            yield batch
+        return _TimedIterator(batches, self.data_wait)
 
     def step_done(self, step: int, samples: int) -> None:
         """A completed optimizer step of `samples` samples on this process."""
@@ -163,6 +155,24 @@ class TrainingMetrics:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+
+
+class _TimedIterator:
+    """An iterator object, not a generator: it is freed the moment the loop drops it, and the DataLoader iterator
+    with it, whose __del__ stops the worker processes (a suspended generator can outlive the loop; at exit
+    multiprocessing then SIGTERMs the workers, which inherited the trainer's SIGTERM handler, and waits forever)."""
+
+    def __init__(self, batches: Iterator, wait: Counter):
+        self.batches, self.wait = batches, wait
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        began = time.perf_counter()
+        batch = next(self.batches)
+        self.wait.inc(time.perf_counter() - began)
+        return batch
 
 
 class _GpuMemory:
