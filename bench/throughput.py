@@ -11,9 +11,12 @@ pre-built batch shows the share of data generation.
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
 import tempfile
+import threading
 import time
+import urllib.request
 
 import numpy as np
 import torch
@@ -49,12 +52,37 @@ def bare_loop(cfg: TrainConfig, fixed_batch: bool) -> float:
     return cfg.steps * cfg.batch_size * cfg.grad_accum / (time.perf_counter() - began)
 
 
-def trainer_rate(cfg: TrainConfig) -> float:
+SCRAPE_EVERY = 0.5  # seconds
+
+
+def _scrape_until(port: int, stop: threading.Event, count: list[int]) -> None:
+    while not stop.wait(SCRAPE_EVERY):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+            count[0] += 1
+        except OSError:
+            pass  # before the exporter starts and after it stops
+
+
+def trainer_rate(cfg: TrainConfig, exporter: bool = False) -> tuple[float, int]:
+    """(samples/s, scrapes answered) of `arrcoc train`, with the exporter scraped throughout when asked."""
+    port = 0
+    if exporter:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    stop, count = threading.Event(), [0]
+    scraper = threading.Thread(target=_scrape_until, args=(port, stop, count), daemon=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(**{**cfg.to_dict(), "out": tmp, "resume": "never"})
+        cfg = TrainConfig(**{**cfg.to_dict(), "out": tmp, "resume": "never", "metrics_port": port})
+        if exporter:
+            scraper.start()
         began = time.perf_counter()
-        train_quietly(cfg)
-        return cfg.steps * cfg.batch_size * cfg.grad_accum / (time.perf_counter() - began)
+        try:
+            train_quietly(cfg)
+        finally:
+            stop.set()
+        return cfg.steps * cfg.batch_size * cfg.grad_accum / (time.perf_counter() - began), count[0]
 
 
 def main() -> None:
@@ -69,19 +97,30 @@ def main() -> None:
     # The trainer's own defaults for evaluation and checkpoint cadence (every 100 and 50 steps).
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, precision=args.precision,
                       grad_accum=args.grad_accum)
-    bare, trainer, fixed = [], [], []
+    bare, trainer, exported, fixed, scrapes = [], [], [], [], []
     for _ in range(args.repeats):  # interleaved: each trainer run is compared with the bare run next to it
         bare.append(bare_loop(cfg, fixed_batch=False))
-        trainer.append(trainer_rate(cfg))
+        trainer.append(trainer_rate(cfg)[0])
+        rate, answered = trainer_rate(cfg, exporter=True)
+        exported.append(rate)
+        scrapes.append(answered)
         fixed.append(bare_loop(cfg, fixed_batch=True))
     # Shared CPUs drift by +-10% between runs; the median of paired ratios is steadier than best-of.
     ratios = sorted(t / b for t, b in zip(trainer, bare))
+    exported_ratios = sorted(e / b for e, b in zip(exported, bare))
+    on_off = sorted(e / t for e, t in zip(exported, trainer))
     fixed_ratios = [f / b for f, b in zip(fixed, bare)]
     print(markdown_table(["loop", "samples/s (median)", "vs bare loop (median of pairs)"], [
         ["bare torch loop (same data stream)", statistics.median(bare), 1.0],
-        ["arrcoc train (eval, checkpoints, metrics)", statistics.median(trainer), statistics.median(ratios)],
+        ["arrcoc train (eval, checkpoints, metric lines), exporter off", statistics.median(trainer),
+         statistics.median(ratios)],
+        [f"arrcoc train, exporter on, scraped every {SCRAPE_EVERY:g} s", statistics.median(exported),
+         statistics.median(exported_ratios)],
         ["bare loop on one pre-built batch", statistics.median(fixed), statistics.median(fixed_ratios)],
     ]))
+    print(f"exporter: {statistics.median(exported_ratios):.3f}x the bare loop (pairs {exported_ratios[0]:.3f}-"
+          f"{exported_ratios[-1]:.3f}; target >= 0.9), {statistics.median(on_off):.3f}x the trainer without it "
+          f"(pairs {on_off[0]:.3f}-{on_off[-1]:.3f}); {min(scrapes)}-{max(scrapes)} scrapes answered per run")
     print(f"trainer overhead: {100 * (1 - statistics.median(ratios)):.1f}% of bare-loop throughput (paired ratios "
           f"{ratios[0]:.3f}-{ratios[-1]:.3f}; {args.steps} steps, batch {args.batch_size} x {args.grad_accum} "
           f"accumulation, {args.precision}, 1 thread, "

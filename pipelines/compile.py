@@ -4,11 +4,13 @@
   data bucket, pipelines/kfp_pipeline/variants.py), the files users upload in the KFP UI;
 - katib/base/experiment.yaml below its marker line: the trial template's PyTorchJob (pipelines/sweeps/trial_spec.py);
 - katib/overlays/<team>/wired/from-team-config.yaml: the team's trial settings, from its team-config;
-- pipelines/jobs/examples/*.yaml: example PyTorchJobs, rendered by `arrcoc pytorchjob render` with EXAMPLES' arguments.
+- pipelines/jobs/examples/*.yaml: example PyTorchJobs, rendered by `arrcoc pytorchjob render` with EXAMPLES' arguments;
+- kustomize/components/monitoring/rules.yaml and manifests/monitoring/clusterrules.yaml: the alert rules
+  (pipelines/monitoring/alerts.py).
 
-Tests fail when any of them is stale (test_pipeline_compile.py, test_trial_spec.py,
-test_pytorchjob_builder.py), so after changing a component, the pipeline, the builder, the trainer's defaults or
-the base team-config, run `arrcoc compile` (or `make compile`) and commit the diff.
+Tests fail when any of them is stale (test_pipeline_compile.py, test_trial_spec.py, test_pytorchjob_builder.py,
+test_monitoring_alerts.py), so after changing a component, the pipeline, the builder, the trainer's defaults, the
+base team-config, the alerts or the schedules, run `arrcoc compile` (or `make compile`) and commit the diff.
 """
 from __future__ import annotations
 
@@ -96,4 +98,9 @@ def run(args: argparse.Namespace) -> int:
         if code:
             return code
         print(f"rendered the example PyTorchJob -> {path}")
+    from pipelines.monitoring import alerts
+
+    for path, text in alerts.generated().items():
+        write_text_atomic(path, text)
+        print(f"generated the alert rules -> {path}")
     return 0

@@ -26,7 +26,8 @@ def write_bucket_overlay(root: Path, team: str = "team-vision", bucket: str | No
       data: {{dataBucket: "{bucket}"}}
 """
     (team_dir / "kustomization.yaml").write_text(f"resources:\n  - {repo}/kustomize/teams/{team}\n{patch}")
-    components = [f"{repo}/kustomize/components/{CAPACITY[team]}", f"{repo}/kustomize/components/team-wiring"]
+    components = [f"{repo}/kustomize/components/{CAPACITY[team]}", f"{repo}/kustomize/components/team-wiring",
+                  f"{repo}/kustomize/components/monitoring"]
     if component:
         components.append(f"{repo}/kustomize/components/data-bucket")
     (overlay / "kustomization.yaml").write_text(

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 GUARD = 120  # seconds: a hung test fails instead of blocking the suite; no test waits this long when passing
 
 ENV_KEYS = ["PYTHONUNBUFFERED", "MASTER_ADDR", "PET_MASTER_ADDR", "MASTER_PORT", "PET_MASTER_PORT", "WORLD_SIZE",
-            "RANK", "PET_NODE_RANK", "PET_NPROC_PER_NODE", "PET_NNODES", "LOCAL_RANK", "FOO", "CKPT"]
+            "RANK", "PET_NODE_RANK", "PET_NPROC_PER_NODE", "PET_NNODES", "LOCAL_RANK", "FOO", "CKPT", "POD_IP"]
 PRINT_ENV = f"""
 import json, os, sys
 print("ENV " + json.dumps({{"env": {{k: os.environ.get(k) for k in {ENV_KEYS!r}}}, "argv": sys.argv[1:],
@@ -108,6 +108,8 @@ def test_operator_env_is_injected_exactly(tmp_path: Path, monkeypatch: pytest.Mo
     assert set(reports) == {"master-0", "worker-0", "worker-1"}
     ports = {r["env"]["MASTER_PORT"] for r in reports.values()}
     assert len(ports) == 1 and int(ports.pop()) > 0
+    pod_ips = {r["env"]["POD_IP"] for r in reports.values()}
+    assert len(pod_ips) == 3 and all(ip.startswith("127.") and ip != "127.0.0.1" for ip in pod_ips)
     for name, rank in (("master-0", "0"), ("worker-0", "1"), ("worker-1", "2")):
         env = reports[name]["env"]
         assert env == {
@@ -115,9 +117,31 @@ def test_operator_env_is_injected_exactly(tmp_path: Path, monkeypatch: pytest.Mo
             "MASTER_PORT": env["MASTER_PORT"], "PET_MASTER_PORT": env["MASTER_PORT"], "WORLD_SIZE": "3",
             "RANK": rank, "PET_NODE_RANK": rank, "PET_NPROC_PER_NODE": "1", "PET_NNODES": "3", "LOCAL_RANK": None,
             "FOO": "bar", "CKPT": f"{volume}/extra",  # mount paths in env values point at the local volume
+            "POD_IP": env["POD_IP"],  # each replica its own loopback address, as each pod its own IP
         }
-        assert reports[name]["argv"] == ["--out", f"{volume}/rehearsal"]
+        assert reports[name]["argv"] == ["--out", f"{volume}/rehearsal", "--metrics-port", "9400"]
         assert reports[name]["python"] == sys.executable
+
+
+def test_pods_carry_the_operators_labels_and_their_addresses_are_listed(tmp_path: Path) -> None:
+    """pods.json is what a Prometheus pod discovery of this job would see (kubeflow/trainer v1.9.2 createNewPod)."""
+    result, stream = run(manifest(PRINT_ENV, workers=1), tmp_path)
+    pods = {p["metadata"]["name"]: p for p in json.loads((tmp_path / "pods.json").read_text())}
+    assert set(pods) == {"rehearsal-master-0", "rehearsal-worker-0"}
+    master, worker = pods["rehearsal-master-0"], pods["rehearsal-worker-0"]
+    assert master["metadata"]["labels"] == {
+        "arrcoc.dev/team": "local", "arrcoc.dev/run-id": "rehearsal",
+        "training.kubeflow.org/operator-name": "pytorchjob-controller", "training.kubeflow.org/job-name": "rehearsal",
+        "training.kubeflow.org/replica-type": "master", "training.kubeflow.org/replica-index": "0",
+        "training.kubeflow.org/job-role": "master"}
+    assert worker["metadata"]["labels"]["training.kubeflow.org/replica-type"] == "worker"
+    assert "training.kubeflow.org/job-role" not in worker["metadata"]["labels"]
+    assert [p["status"]["phase"] for p in pods.values()] == ["Succeeded", "Succeeded"]
+    assert {p["status"]["podIP"] for p in pods.values()} == {env_report(log)["env"]["POD_IP"]
+                                                             for log in result.logs.values()}
+    assert {"name": "metrics", "containerPort": 9400} in master["spec"]["containers"][0]["ports"]
+    ip = master["status"]["podIP"]
+    assert f"[local-runner] pod rehearsal-master-0 (master-0) at {ip}: metrics http://{ip}:9400/metrics" in stream
 
 
 @pytest.mark.parametrize("nproc, world_size", [("2", "4"), ("auto", "2")])

@@ -40,6 +40,7 @@ def test_train_ran_one_two_replica_pytorchjob_on_staged_data(passed):
     run_id = result.registered.name
     assert args[args.index("--train-data") + 1] == f"/checkpoints/{run_id}/data/train"
     assert args[args.index("--steps") + 1] == "3"
+    assert args[args.index("--metrics-port") + 1] == "9400"  # the exporter is on by default: `arrcoc demo`
     assert re.search(r"^relevance_score=\d", (result.job_dir / "master.log").read_text(), re.M)
     # The trainer read the copy staged on the (locally mapped) checkpoint volume, not the artifact itself.
     config = json.loads((result.adapter / "arrcoc_config.json").read_text())
@@ -94,7 +95,7 @@ def test_gate_closed_registers_nothing_in_the_data_bucket_variant(tmp_path):
     team_file = tmp_path / "team-config.yaml"
     team_file.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "team-config"},
                                          "data": team.to_configmap_data()}))
-    result = run_demo(tmp_path / "run", threshold=1.1, workers=0, team_config=str(team_file), **TINY)
+    result = run_demo(tmp_path / "run", threshold=1.1, workers=0, team_config=str(team_file), metrics=False, **TINY)
     assert result.pipeline == "arrcoc-train-data-bucket"
     assert _ran(result) == {"prepare-data", "train", "evaluate", "not-registered"}
     assert result.registered is None
@@ -103,6 +104,9 @@ def test_gate_closed_registers_nothing_in_the_data_bucket_variant(tmp_path):
     master = yaml.safe_load((result.job_dir / "pytorchjob.yaml").read_text())["spec"]["pytorchReplicaSpecs"]["Master"]
     assert {"name": "data", "mountPath": "/data", "readOnly": True} in master["template"]["spec"]["containers"][0][
         "volumeMounts"]
+    # `arrcoc demo --no-metrics`: no exporter, no metrics port
+    assert "--metrics-port" not in master["template"]["spec"]["containers"][0]["args"]
+    assert [p["name"] for p in master["template"]["spec"]["containers"][0]["ports"]] == ["pytorchjob-port"]
     assert "does not pass the gate (threshold 1.1)" in result.summary.read_text()
 
 

@@ -2,6 +2,7 @@
 Security (through `arrcoc validate`'s checks), input errors, and the example kept in git."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -62,9 +63,29 @@ def test_master_and_workers_share_one_template() -> None:
     assert pod(m, "Master") == pod(m, "Worker")
     c = container(m)
     assert c["name"] == "pytorch" and c["image"] == "trainer:1.2.3"
-    # the builder owns --out: the stable run directory on the checkpoint volume
-    assert c["args"] == ["--steps", "100", "--out", "/checkpoints/run-7"]
+    # the builder owns --out (the stable run directory on the checkpoint volume) and --metrics-port (the port the pod
+    # declares for the team's PodMonitoring)
+    assert c["args"] == ["--steps", "100", "--out", "/checkpoints/run-7", "--metrics-port", "9400"]
+    assert c["ports"] == [{"name": "pytorchjob-port", "containerPort": 23456},
+                          {"name": "metrics", "containerPort": 9400}]
     assert {"mountPath": "/checkpoints", "name": "checkpoints"} in c["volumeMounts"]
+
+
+def test_metrics_port_zero_leaves_out_the_exporter() -> None:
+    c = container(to_manifest(build_pytorchjob("train-a", team=PVC_TEAM, metrics_port=0)))
+    assert "--metrics-port" not in c["args"]
+    assert [p["name"] for p in c["ports"]] == ["pytorchjob-port"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"metrics_port": 80}, "metrics_port=80 must be 0 (no exporter) or a port in 1025..65535 other than the "
+                           "rendezvous port 23456"),
+    ({"metrics_port": 23456}, "other than the rendezvous port 23456"),
+    ({"trainer_args": ["--metrics-port", "9500"]}, "trainer args must not set --metrics-port"),
+])
+def test_the_metrics_port_belongs_to_the_builder(kwargs, message) -> None:
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        build_pytorchjob("train-a", team=PVC_TEAM, **kwargs)
 
 
 def test_resources_scheduling_and_labels_come_from_the_team() -> None:
@@ -186,7 +207,8 @@ def test_nproc_defaults_to_the_team_gpus() -> None:
 
 def test_katib_trial_name_is_a_valid_run_id() -> None:
     m = to_manifest(build_pytorchjob("a", team=PVC_TEAM, run_id=KATIB_TRIAL_NAME))
-    assert container(m)["args"][-1] == "/checkpoints/${trialParameters.trialName}"
+    args = container(m)["args"]
+    assert args[args.index("--out") + 1] == "/checkpoints/${trialParameters.trialName}"
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
@@ -319,7 +341,7 @@ def test_render_cli_reads_a_team_config_file_and_writes_atomically(tmp_path: Pat
                      "--image", "trainer:2", "-o", str(out), "--", "--steps", "7"]) == 0
     m = yaml.safe_load(out.read_text())
     assert m["metadata"]["namespace"] == "team-vision" and replicas(m)["Worker"]["replicas"] == 2
-    assert container(m)["args"] == ["--steps", "7", "--out", "/checkpoints/vision-1"]
+    assert container(m)["args"] == ["--steps", "7", "--out", "/checkpoints/vision-1", "--metrics-port", "9400"]
     assert [p.name for p in out.parent.iterdir()] == ["job.yaml"]  # no temp file left behind
 
 

@@ -50,6 +50,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model's forward
     num_workers: int = 2  # DataLoader worker processes: data generation and decoding stay off the loop's thread
     dist_timeout: int = 1800  # seconds a collective may wait, evaluation and checkpoint saves included
+    metrics_port: int = 0  # serve Prometheus metrics on this port (trainer/monitoring.py); 0: off
     # data: empty means synthetic scenes generated from the seed; otherwise a prepared dataset directory
     train_data: str = ""
     eval_data: str = ""
@@ -100,6 +101,8 @@ class TrainConfig:
             raise ConfigError(f"lr={self.lr} must be > 0")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers={self.num_workers} must be an integer >= 0 (0: load on the loop's thread)")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port={self.metrics_port} must be a TCP port in 1..65535, or 0 (no exporter)")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.strategy not in STRATEGIES:

@@ -30,6 +30,7 @@ from .data import ShardSampler, quiet_worker
 from .distributed import World, any_rank, barrier, init_world, shutdown
 from .evaluation import report, write_metrics
 from .files import replace_dir, write_json_atomic
+from .monitoring import TrainingMetrics
 from .task import RunParts, Task
 from .tasks import task_for
 
@@ -39,7 +40,7 @@ DEFAULT_DEEPSPEED_CONFIG = Path(__file__).with_name("ds_zero2.json")
 PEER_LOST_EXIT = 129
 # Fields that may change between an interrupted run and its resumption; anything else must match.
 RUN_CONTROL = {"steps", "eval_every", "eval_size", "checkpoint_every", "keep_checkpoints", "log_every", "out", "resume",
-               "num_workers", "dist_timeout", "compile", "budget_curve", "max_answer_tokens"}
+               "num_workers", "dist_timeout", "compile", "metrics_port", "budget_curve", "max_answer_tokens"}
 # Optimizer steps between two stop-on-signal agreements of a multi-replica run (each is a host sync). At a few
 # steps per second this answers a SIGTERM within a second or two, well inside GKE spot's ~15 s notice; a base
 # slow enough that STOP_CHECK_EVERY steps take more than ~5 s should lower it.
@@ -274,10 +275,11 @@ def run(cfg: TrainConfig) -> int:
     requested: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _frame: requested.append(signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}
-    world = World()
+    world, monitor = World(), None
     try:
         world = init_world(cfg.dist_timeout)
-        return _run(cfg, world, requested)
+        monitor = TrainingMetrics(cfg, world)  # start: serves --metrics-port until the run ends
+        return _run(cfg, world, requested, monitor)
     except RuntimeError as exc:  # torch.distributed errors are RuntimeErrors (DistError and gloo's plain ones)
         if not peer_lost(exc):
             raise
@@ -287,6 +289,8 @@ def run(cfg: TrainConfig) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if monitor is not None:
+            monitor.close()
         shutdown(world)
 
 
@@ -313,7 +317,7 @@ def train_loader(parts: RunParts, cfg: TrainConfig, world: World, start_step: in
                       prefetch_factor=PREFETCH_BATCHES if workers else None)
 
 
-def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
+def _run(cfg: TrainConfig, world: World, requested: list[int], monitor: TrainingMetrics) -> int:
     out = Path(cfg.out)
     root = out / "checkpoints"
     task, model, parts = build_run(cfg, world)
@@ -323,13 +327,14 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
     start, history, skipped = resume(cfg, root, engine, model, optimizer, scheduler, world)
     if isinstance(history, list):  # a checkpoint from before loss curves were kept: its evaluations only
         history = {"eval": history, "loss": [], "window": [0.0, 0]}
+    monitor.resumed(start, history)
     if world.is_main:
         print(f"effective batch: {cfg.batch_size} per micro-batch x {cfg.grad_accum} accumulation x "
               f"{world.world_size} replicas = {cfg.batch_size * cfg.grad_accum * world.world_size} samples per "
               f"optimizer step ({cfg.strategy}, {cfg.precision}, {world.device.type})", file=sys.stderr, flush=True)
 
     curves = Curves(out, enabled=world.is_main and start < cfg.steps)
-    batches = iter(train_loader(parts, cfg, world, start))
+    batches = monitor.timed(iter(train_loader(parts, cfg, world, start)))
     bar = tqdm(total=cfg.steps, initial=start, file=sys.stderr, dynamic_ncols=True,
                disable=not (world.is_main and sys.stderr.isatty()))
     began, samples = time.perf_counter(), 0
@@ -350,6 +355,7 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
         samples += cfg.batch_size * cfg.grad_accum * world.world_size
         done = step + 1
         bar.update(1)
+        monitor.step_done(done, cfg.batch_size * cfg.grad_accum)
         if done % cfg.log_every == 0 or done == cfg.steps:  # the only per-step host sync: at logging intervals
             now = time.perf_counter()
             mean_loss = (window_loss / window_steps).item()
@@ -363,6 +369,7 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
                 print(f"{who}step {done}/{cfg.steps} loss {mean_loss:.4f} lr {lr:.2e} {rate:.1f} samples/s",
                       file=sys.stderr, flush=True)
             window_start, window_loss, window_steps = now, None, 0
+            monitor.logged(mean_loss, lr)
 
         if done % cfg.eval_every == 0 or done == cfg.steps:
             metrics = parts.evaluate(model)  # every rank scores its shard
@@ -370,6 +377,7 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
             if world.is_main:
                 history["eval"].append({"step": done, **metrics})
                 report(metrics)
+                monitor.evaluated(done, metrics)
                 write_metrics(out, done, metrics, history["eval"], cfg, history["loss"], skipped)
                 curves.scalars(done, {f"eval/{k}": v for k, v in metrics.items()})
                 curves.images(done, "eval/allocation", pictures)
@@ -379,7 +387,8 @@ def _run(cfg: TrainConfig, world: World, requested: list[int]) -> int:
         stop = any_rank(bool(requested), world) if check else False
         if stop or done % cfg.checkpoint_every == 0 or done == cfg.steps:
             history["window"] = [window_loss.item() if window_steps else 0.0, window_steps]
-            save_checkpoint(root, done, engine, model, optimizer, scheduler, history, cfg, world)
+            with monitor.checkpoint(done, history):
+                save_checkpoint(root, done, engine, model, optimizer, scheduler, history, cfg, world)
         if stop:
             signum = requested[0] if requested else signal.SIGTERM
             if world.is_main:

@@ -8,6 +8,12 @@ does that matters to the trainer, so a local success means the manifest and the 
   replicas x int(nprocPerNode) (a non-integer counts 1), RANK=PET_NODE_RANK=node index (Master 0, Worker i ->
   i+1), PET_NPROC_PER_NODE, PET_NNODES; on top of this machine's environment (minus any inherited torchrun
   variables) and the `pytorch` container's env. The image is ignored.
+- Network: each replica is a pod with its own address, a loopback one (127.a.b.c, all replicas of a job in one
+  block whose declared container ports are free), in POD_IP, a variable the operator does not set: servers in the
+  replica (the trainer's metrics exporter) listen there, so two replicas can serve the same declared port, as two
+  pods can. The addresses, ports and labels (the template's plus the operator's training.kubeflow.org/* labels:
+  kubeflow/trainer v1.9.2 pkg/controller.v1/common/pod.go createNewPod) are printed at the start and kept in
+  <workdir>/pods.json, Pod-shaped, as a Prometheus service discovery would see them (pipelines/monitoring/scrape.py).
 - Command: the `pytorch` container's command + args; `python`/`python3` become sys.executable (this venv) and
   `torchrun` becomes `sys.executable -m torch.distributed.run`.
 - Volumes: each volumeMount of that container maps to the directory <workdir>/volumes/<volume name>
@@ -40,7 +46,9 @@ pattern or after some seconds, and the result records when and how long the job 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
+import random
 import re
 import signal as signals
 import socket
@@ -54,9 +62,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pipelines.jobs.backends import JobBackend, JobFailed, JobResult
-from pipelines.jobs.pytorchjob import ManifestError, check_manifest, pytorch_container, to_manifest
+from pipelines.jobs.pytorchjob import PORT_NAME, ManifestError, check_manifest, pytorch_container, to_manifest
+from trainer.files import write_json_atomic
 
 DEFAULT_GRACE_SECONDS = 30
+POD_IP_ENV = "POD_IP"
+PODS_FILE = "pods.json"
+OPERATOR_NAME = "pytorchjob-controller"  # kubeflow/trainer v1.9.2 pkg/controller.v1/pytorch/pytorchjob_controller.go
 # torchrun / torchelastic variables of an outer launcher must not leak into a replica's world.
 _INHERITED_DROP = re.compile(r"(PET_|TORCHELASTIC_).*|RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|GROUP_RANK|"
                              r"GROUP_WORLD_SIZE|ROLE_RANK|ROLE_WORLD_SIZE|ROLE_NAME|MASTER_ADDR|MASTER_PORT")
@@ -166,6 +178,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def operator_pod_labels(job: str, rtype: str, index: int) -> dict[str, str]:
+    """The labels the Training Operator v1.9.2 adds to a replica's pod (kubeflow/trainer pkg/controller.v1/common
+    job_controller.go GenLabels and pod.go createNewPod)."""
+    labels = {"training.kubeflow.org/operator-name": OPERATOR_NAME, "training.kubeflow.org/job-name": job,
+              "training.kubeflow.org/replica-type": rtype.lower(), "training.kubeflow.org/replica-index": str(index)}
+    if rtype == "Master":
+        labels["training.kubeflow.org/job-role"] = "master"
+    return labels
+
+
+def _pod_addresses(count: int, ports: Sequence[int], tries: int = 50) -> list[str]:
+    """`count` consecutive loopback addresses (never 127.0.0.1) on which every one of `ports` is free."""
+    for _ in range(tries):
+        first = ipaddress.IPv4Address("127.0.0.0") + random.randrange(1 << 16, (1 << 24) - count - 1)
+        addresses = [str(first + i) for i in range(count)]
+        if all(_bindable(a, p) for a in addresses for p in ports):
+            return addresses
+    raise RuntimeError(f"no block of {count} loopback addresses with ports {list(ports)} free after {tries} tries")
+
+
+def _bindable(address: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((address, port))
+        except OSError:
+            return False
+        return True
+
+
 def _now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -182,8 +223,13 @@ class _Replica:
     log_path: Path
     proc: subprocess.Popen | None = None
     reader: threading.Thread | None = None
+    pod: dict = field(default_factory=dict)  # the Pod this replica stands for: name, labels, ports, IP, phase
     attempt: int = 0
     done: bool = False  # exited and not to be waited on until the next group start
+
+    @property
+    def ip(self) -> str:
+        return self.pod["status"]["podIP"]
 
 
 class _LocalJob:
@@ -262,8 +308,26 @@ class _LocalJob:
                 name = f"{rtype.lower()}-{i}"
                 log_path = logs / f"{name}.log"
                 log_path.write_text("")  # a new run starts new logs; the volumes persist
-                out.append(_Replica(name, rtype, 0 if rtype == "Master" else i + 1, policy, argv, env, grace, log_path))
+                pod = self._pod(rspec, rtype, i, container)
+                out.append(_Replica(name, rtype, 0 if rtype == "Master" else i + 1, policy, argv, env, grace, log_path,
+                                    pod=pod))
+        ports = sorted({p["containerPort"] for r in out for p in r.pod["spec"]["containers"][0]["ports"]})
+        for r, ip in zip(out, _pod_addresses(len(out), ports)):
+            r.pod["status"]["podIP"] = ip
         return out
+
+    def _pod(self, rspec: Mapping[str, Any], rtype: str, index: int, container: Mapping[str, Any]) -> dict:
+        """The Pod the operator would create for this replica, as far as discovery and scraping see it."""
+        template_meta = (rspec.get("template") or {}).get("metadata") or {}
+        labels = {**(template_meta.get("labels") or {}), **operator_pod_labels(self.name, rtype, index)}
+        return {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": f"{self.name}-{rtype.lower()}-{index}", "namespace": self.namespace,
+                             "labels": labels, "annotations": dict(template_meta.get("annotations") or {})},
+                "spec": {"containers": [{"name": container["name"], "ports": list(container.get("ports") or [])}]},
+                "status": {"phase": "Pending", "podIP": ""}}
+
+    def _write_pods(self) -> None:
+        write_json_atomic(self.workdir / PODS_FILE, [r.pod for r in self.replicas])
 
     def _injected_env(self, replica: _Replica) -> dict[str, str]:
         per_node = int(self.nproc) if self.nproc.isdigit() else 1
@@ -275,6 +339,7 @@ class _LocalJob:
             "RANK": str(replica.node_rank), "PET_NODE_RANK": str(replica.node_rank),
             "PET_NPROC_PER_NODE": self.nproc,
             "PET_NNODES": str(len(self.replicas)),
+            POD_IP_ENV: replica.ip,
         }
 
     # ------------------------------------------------------------ conditions
@@ -313,6 +378,15 @@ class _LocalJob:
             r.reader = threading.Thread(target=self._read, args=(r, r.proc, r.attempt), daemon=True,
                                         name=f"{self.name}-{r.name}-{r.attempt}")
             r.reader.start()
+            r.pod["status"]["phase"] = "Running"
+            r.pod["metadata"]["annotations"]["local-runner/pid"] = str(r.proc.pid)
+            if r.attempt == 1:
+                ports = [f"{p.get('name', p['containerPort'])} " + (f"http://{r.ip}:{p['containerPort']}/metrics"
+                         if p.get("name") == "metrics" else f"{r.ip}:{p['containerPort']}")
+                         for p in r.pod["spec"]["containers"][0]["ports"] if p.get("name") != PORT_NAME]
+                self._say(f"pod {r.pod['metadata']['name']} ({r.name}) at {r.ip}" +
+                          (f": {', '.join(ports)}" if ports else ""))
+        self._write_pods()
 
     def _read(self, r: _Replica, proc: subprocess.Popen, attempt: int) -> None:
         assert proc.stdout is not None
@@ -371,6 +445,8 @@ class _LocalJob:
             r.reader.join(timeout=5)
         r.done = True
         self.exit_codes[r.name].append(code)
+        r.pod["status"]["phase"] = "Succeeded" if code == 0 else "Failed"
+        self._write_pods()
         return code
 
     def _stop_all(self, grace: float | None = None) -> None:

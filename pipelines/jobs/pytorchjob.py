@@ -7,6 +7,8 @@ Why the spec looks the way it does (details in docs/pytorchjob.md):
   --out is <mount>/<run-id>, so a restarted replica resumes from the same directory.
 - an explicit `command` (python -m trainer, or torchrun with several processes per pod) because Katib's metrics
   collector wraps the command in `sh -c`; sidecar.istio.io/inject "false" because a sidecar keeps pods alive.
+- a `metrics` port where the trainer serves Prometheus metrics (--metrics-port, trainer/monitoring.py), which the
+  team's PodMonitoring scrapes (kustomize/components/monitoring);
 - a restricted-PSS security context whose fsGroup is applied only on a root mismatch, cpu/memory/GPU requests =
   limits (Guaranteed QoS; a namespace with a ResourceQuota rejects pods without requests).
 
@@ -33,11 +35,13 @@ from pipelines.jobs.rules import (
 )
 from pipelines.jobs.team_config import DATA_MOUNT, TeamConfig
 from trainer.errors import UserError
+from trainer.monitoring import DEFAULT_PORT as METRICS_PORT
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
 PORT_NAME = "pytorchjob-port"
 DEFAULT_PORT = 23456
+METRICS_PORT_NAME = "metrics"  # what the team's PodMonitoring scrapes (its endpoints[].port)
 
 DEFAULT_IMAGE = "ghcr.io/arrcoc/arrcoc-trainer:0.1.0"  # trainer/Dockerfile, tagged with the project version
 CHECKPOINT_VOLUME = "checkpoints"
@@ -97,25 +101,27 @@ def build_pytorchjob(
     ttl_seconds_after_finished: int | None = 86400,
     checkpoint_mount: str = CHECKPOINT_MOUNT,
     shm_size: str = "1Gi",
+    metrics_port: int = METRICS_PORT,
 ) -> kf.KubeflowOrgV1PyTorchJob:
     """A PyTorchJob with one Master and `workers` Workers running the trainer.
 
     namespace defaults to the team's name; nproc_per_node to the team's GPUs per replica (at least 1);
     run_id to the job name (Katib templates pass KATIB_TRIAL_NAME). The trainer's --out is
-    <checkpoint_mount>/<run_id>: the builder owns that flag.
+    <checkpoint_mount>/<run_id>: the builder owns that flag, and --metrics-port (metrics_port 0: no exporter).
     """
     namespace = namespace or team.team
     run_id = run_id or name
     nproc = str(nproc_per_node) if nproc_per_node is not None else str(max(1, team.gpus_per_replica))
     _check_inputs(name, namespace, image, list(trainer_args), workers, nproc, run_id, team, clean_pod_policy,
-                  active_deadline_seconds, ttl_seconds_after_finished, checkpoint_mount)
+                  active_deadline_seconds, ttl_seconds_after_finished, checkpoint_mount, metrics_port)
     all_labels = {TEAM_LABEL: team.team, RUN_ID_LABEL: run_id, **(labels or {})}
     for key, value in all_labels.items():
         if not _LABEL_KEY.fullmatch(key) or not isinstance(value, str):
             raise ManifestError(f"label {key!r}: not a valid Kubernetes label key/value")
     out_dir = f"{checkpoint_mount.rstrip('/')}/{run_id}"
-    template = _pod_template(image, [*trainer_args, "--out", out_dir], nproc, team, all_labels, env or {},
-                             checkpoint_mount, shm_size)
+    args = [*trainer_args, "--out", out_dir, *(["--metrics-port", str(metrics_port)] if metrics_port else [])]
+    template = _pod_template(image, args, nproc, team, all_labels, env or {}, checkpoint_mount, shm_size,
+                             metrics_port)
     replica_specs = {"Master": kf.KubeflowOrgV1ReplicaSpec(replicas=1, restart_policy="ExitCode", template=template)}
     if workers:
         replica_specs["Worker"] = kf.KubeflowOrgV1ReplicaSpec(replicas=workers, restart_policy="ExitCode",
@@ -193,7 +199,7 @@ def check_manifest(manifest: Any, source: str = "manifest") -> None:
 
 def _check_inputs(name: str, namespace: str, image: str, trainer_args: list[str], workers: int, nproc: str,
                   run_id: str, team: TeamConfig, clean_pod_policy: str, deadline: int | None, ttl: int | None,
-                  checkpoint_mount: str) -> None:
+                  checkpoint_mount: str, metrics_port: int) -> None:
     # The operator names pods and services <job>-worker-<i>; those must stay DNS-1035 labels of <= 63 chars.
     longest = f"{name}-worker-{max(workers - 1, 0)}" if workers else f"{name}-master-0"
     if dns1035_problem(name) or len(longest) > 63:
@@ -207,6 +213,13 @@ def _check_inputs(name: str, namespace: str, image: str, trainer_args: list[str]
         raise ManifestError("trainer args must all be strings")
     if any(a == "--out" or a.startswith("--out=") for a in trainer_args):
         raise ManifestError("trainer args must not set --out: the builder points it at <checkpoint mount>/<run id>")
+    if any(a == "--metrics-port" or a.startswith("--metrics-port=") for a in trainer_args):
+        raise ManifestError("trainer args must not set --metrics-port: the builder sets it with the pod's metrics port")
+    # A port a non-root container can bind (Pod Security restricted runs it as uid 1000) and no hostPort.
+    if not isinstance(metrics_port, int) or isinstance(metrics_port, bool) or not (
+            metrics_port == 0 or 1024 < metrics_port <= 65535) or metrics_port == DEFAULT_PORT:
+        raise ManifestError(f"metrics_port={metrics_port!r} must be 0 (no exporter) or a port in 1025..65535 other "
+                            f"than the rendezvous port {DEFAULT_PORT}")
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ManifestError(f"workers={workers!r} must be an integer >= 0 (the Master is always 1)")
     if problem := nproc_problem(nproc):
@@ -228,7 +241,8 @@ def _check_inputs(name: str, namespace: str, image: str, trainer_args: list[str]
 
 
 def _pod_template(image: str, args: list[str], nproc: str, team: TeamConfig, labels: dict[str, str],
-                  env: Mapping[str, str], checkpoint_mount: str, shm_size: str) -> k8s.V1PodTemplateSpec:
+                  env: Mapping[str, str], checkpoint_mount: str, shm_size: str,
+                  metrics_port: int) -> k8s.V1PodTemplateSpec:
     resources = {"cpu": team.cpu_per_replica, "memory": team.memory_per_replica}
     if team.gpus_per_replica:
         resources["nvidia.com/gpu"] = str(team.gpus_per_replica)
@@ -252,7 +266,8 @@ def _pod_template(image: str, args: list[str], nproc: str, team: TeamConfig, lab
         command=trainer_command(nproc),
         args=args,
         env=[k8s.V1EnvVar(name=k, value=str(v)) for k, v in sorted(env.items())] or None,
-        ports=[k8s.V1ContainerPort(name=PORT_NAME, container_port=DEFAULT_PORT)],
+        ports=[k8s.V1ContainerPort(name=PORT_NAME, container_port=DEFAULT_PORT),
+               *([k8s.V1ContainerPort(name=METRICS_PORT_NAME, container_port=metrics_port)] if metrics_port else [])],
         resources=k8s.V1ResourceRequirements(requests=dict(resources), limits=dict(resources)),
         volume_mounts=mounts,
         security_context=k8s.V1SecurityContext(

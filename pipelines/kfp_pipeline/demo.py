@@ -60,19 +60,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--team-config", metavar="FILE",
                         help="a team-config ConfigMap YAML for the PyTorchJob (default: TeamConfig.local_default())")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-metrics", action="store_true",
+                        help="no Prometheus exporter in the trainer (by default each replica serves its metrics)")
     for name, value in DEMO.items():
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=value, help=f"(default: {value})")
 
 
 def run_demo(workdir: str | Path, *, source: str = "synthetic", threshold: float | None = None,
-             team_config: str | None = None, seed: int = 0, quiet: bool = False, **settings: int) -> DemoResult:
+             team_config: str | None = None, seed: int = 0, quiet: bool = False, metrics: bool = True,
+             **settings: int) -> DemoResult:
     """Run the pipeline with kfp.local; settings override DEMO (steps, batch_size, ...)."""
     import kfp.local
 
     from pipelines.jobs.team_config import TeamConfig
     from pipelines.kfp_pipeline.pipeline import DEFAULT_THRESHOLD, build_pipeline
     from pipelines.kfp_pipeline.steps.prepare_data import DataSource
-    from pipelines.kfp_pipeline.steps.train import TEAM_CONFIG_FILE_ENV
+    from pipelines.kfp_pipeline.steps.train import METRICS_PORT_ENV, TEAM_CONFIG_FILE_ENV
     from pipelines.kfp_pipeline.variants import pipeline_name
 
     values = {**DEMO, **settings}
@@ -98,6 +101,13 @@ def run_demo(workdir: str | Path, *, source: str = "synthetic", threshold: float
         os.environ[TEAM_CONFIG_FILE_ENV] = str(Path(team_config).resolve())
     else:
         os.environ.pop(TEAM_CONFIG_FILE_ENV, None)
+    if metrics:
+        os.environ.pop(METRICS_PORT_ENV, None)
+        print("arrcoc demo: while the train step runs, each replica serves Prometheus metrics at the address the "
+              "local runner prints (`[local-runner] pod ... metrics http://...`); its pods, for a scrape config, "
+              "in <train task>/pytorchjob/pods.json (docs/operations.md, Watching training)", flush=True)
+    else:
+        os.environ[METRICS_PORT_ENV] = "0"
 
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     earlier = set(root.iterdir())
@@ -134,7 +144,7 @@ def run_demo(workdir: str | Path, *, source: str = "synthetic", threshold: float
 def run(args: argparse.Namespace) -> int:
     settings = {name: getattr(args, name) for name in DEMO}
     result = run_demo(args.workdir, source=args.source, threshold=args.threshold, team_config=args.team_config,
-                      seed=args.seed, **settings)
+                      seed=args.seed, metrics=not args.no_metrics, **settings)
     here = Path.cwd()
 
     def show(path: Path) -> str:

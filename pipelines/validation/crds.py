@@ -51,6 +51,11 @@ FILES = (
     _config_connector("iampolicymembers.iam"),
     _config_connector("iamserviceaccounts.iam"),
     _config_connector("storagebuckets.storage"),
+    # Google Cloud Managed Service for Prometheus (GKE's managed collection): PodMonitoring, Rules and their kin.
+    *(PinnedFile(f"gmp-v0.17.2/{name}", "GoogleCloudPlatform/prometheus-engine",
+                 "7920a2a222af1c09535d8141684e2944670c5041", f"charts/operator/crds/{name}")
+      for name in (f"monitoring.googleapis.com_{kind}.yaml" for kind in (
+          "clusterpodmonitorings", "clusterrules", "globalrules", "operatorconfigs", "podmonitorings", "rules"))),
     PinnedFile("katib-v0.19.0/experiment.yaml", "kubeflow/katib", "578e60f1ce83dbb5e7151026a3bdc4de233947fc",
                "manifests/v1beta1/components/crd/experiment.yaml"),
     PinnedFile("katib-v0.19.0/suggestion.yaml", "kubeflow/katib", "578e60f1ce83dbb5e7151026a3bdc4de233947fc",
@@ -105,6 +110,12 @@ b1e3ed69ced9972db8cd57c01401687fa625985305260fcc9d0a472db912e55c  ./config-conne
 3857b636b797d04c66d5b8e3ab638ec0671a6c784a2dc4c96817a58573195d29  ./config-connector-v1.155.1/iampolicymembers.iam.cnrm.cloud.google.com.yaml
 6f6bc2a8529bd4614ac6e119ee2c5ed5b4040cf54bc37ff5fc00eb6042be7f44  ./config-connector-v1.155.1/iamserviceaccounts.iam.cnrm.cloud.google.com.yaml
 70250a86db6e1206aedf9c059caeec2e011900d3632f4984a6924eb96a773462  ./config-connector-v1.155.1/storagebuckets.storage.cnrm.cloud.google.com.yaml
+9bc1857ded418ef5de06bffa47020d68b2e00eac0f8867ac83a88e16a87bbc28  ./gmp-v0.17.2/monitoring.googleapis.com_clusterpodmonitorings.yaml
+5b4aa205ec50844b3e0f6ee2862bccc322757b73345eaef15615db52a07c57e2  ./gmp-v0.17.2/monitoring.googleapis.com_clusterrules.yaml
+88806ad36451409b074a3c5a8d9d3f1625268a0e96df45a9a51eb346a5e7c40f  ./gmp-v0.17.2/monitoring.googleapis.com_globalrules.yaml
+3f654474c72606b85989590f454cced798c565799accacc103bc9f082cce5a99  ./gmp-v0.17.2/monitoring.googleapis.com_operatorconfigs.yaml
+d344029bc7754e0254d7c253db9d6400b344d5837e121b42790946757bc79f1f  ./gmp-v0.17.2/monitoring.googleapis.com_podmonitorings.yaml
+49c2cfea8d228a96c466ac49c09f4c19f6cb51ebdd258011cb364a97cb24afee  ./gmp-v0.17.2/monitoring.googleapis.com_rules.yaml
 c7f8a989368dcc87bcbb2739efa3b3e6f78d31f156857e0284e56c8bd6bf98db  ./katib-v0.19.0/experiment.yaml
 779b50ccf5a60da5e79bac8ff37a0f1adbecfb77b366645d1db79709c6eb2922  ./katib-v0.19.0/suggestion.yaml
 fe7228f8735d8e024ee99a1080ca9851b0a8e34c7b49f402e4cb54bfbe13f45a  ./katib-v0.19.0/swagger.json

@@ -5,7 +5,8 @@ Kubeflow install in manifests/kubeflow is rendered from its remote refs too), ev
 katib/overlays/* and every YAML file under pipelines/jobs/examples/; the compiled pipelines in
 pipelines/kfp_pipeline/compiled/ feed the model of the pods KFP builds. Besides each object on its own, the
 objects are checked together: team namespaces and their quotas (validation.invariants, validation.quota), the
-connections their workloads need under every NetworkPolicy (validation.reachability), and Pod Security
+connections their workloads need under every NetworkPolicy (validation.reachability), what the monitoring objects
+watch and whether their alert rules parse (validation.monitoring), and Pod Security
 "restricted" on the pods Kubeflow's controllers build (validation.controller_pods).
 Each error prints as `<file>: <Kind>/<namespace>/<name>: <field.path>: <message>`; any error
 exits 1, otherwise one OK line. Warnings print the same way after `warning: ` and do not fail.
@@ -24,6 +25,7 @@ from pipelines.validation import (
     invariants,
     katib,
     login,
+    monitoring,
     quota,
     reachability,
     training,
@@ -121,6 +123,7 @@ def check(docs: list[Doc], schemas: SchemaSet, compiled: list[Path] = ()) -> lis
     findings.extend(reachability.check_reachability(docs))
     findings.extend(login.check_login(docs))
     findings.extend(gke.check_cloud(docs))
+    findings.extend(monitoring.check_monitoring(docs))
     findings.extend(_controller_pod_findings(docs, compiled))
     return findings
 

@@ -20,6 +20,8 @@ from trainer.knobs import PIPELINE_KNOBS, flags
 
 # Locally, a team-config file (the ConfigMap YAML) may stand in for TeamConfig.local_default().
 TEAM_CONFIG_FILE_ENV = "ARRCOC_TEAM_CONFIG_FILE"
+# The trainer's metrics port (pipelines/jobs/pytorchjob.py); "0" turns the exporter off (`arrcoc demo --no-metrics`).
+METRICS_PORT_ENV = "ARRCOC_METRICS_PORT"
 MAX_TIMEOUT_MINUTES = 24 * 60  # the train task's own pod timeout (pipeline.py) is set above this
 
 
@@ -92,7 +94,14 @@ def run_training(*, backend: str, run_id: str, train_dir: str, eval_dir: str, ad
     from pipelines.jobs.backends import ClusterOptions, JobFailed
     from pipelines.jobs.client import backend_for
     from pipelines.jobs.cluster import DELETE_POLICIES
-    from pipelines.jobs.pytorchjob import CHECKPOINT_MOUNT, CHECKPOINT_VOLUME, build_pytorchjob, to_manifest, to_yaml
+    from pipelines.jobs.pytorchjob import (
+        CHECKPOINT_MOUNT,
+        CHECKPOINT_VOLUME,
+        METRICS_PORT,
+        build_pytorchjob,
+        to_manifest,
+        to_yaml,
+    )
 
     # The step's pod mounts checkpoint_pvc at CHECKPOINT_MOUNT (pipeline.py): that is how it reaches the replicas.
     mounts = {checkpoint_pvc: CHECKPOINT_MOUNT} if checkpoint_pvc else {}
@@ -109,7 +118,7 @@ def run_training(*, backend: str, run_id: str, train_dir: str, eval_dir: str, ad
         trainer_args=trainer_args(knobs, f"{container_root}/data/train", f"{container_root}/data/eval"),
         workers=int(workers), nproc_per_node=nproc_per_node or None, run_id=run_id,
         labels={"arrcoc.dev/launched-by": "kfp"}, active_deadline_seconds=int(timeout_minutes) * 60,
-        checkpoint_mount=CHECKPOINT_MOUNT,
+        checkpoint_mount=CHECKPOINT_MOUNT, metrics_port=int(os.environ.get(METRICS_PORT_ENV, METRICS_PORT)),
     )
     manifest = to_manifest(job)
     work = Path(workdir or Path(adapter_dir).parent / "pytorchjob")
