@@ -86,7 +86,8 @@ def test_the_katib_trial_passes_the_lists_trial_flags_and_searches_its_searched_
     assert searched == {k.name for k in KNOBS if k.searched}
     assert TRIAL_FLAGS == tuple(k.name for k in KNOBS if k.trial)
     # the base team-config sets no trainData/evalData: the trial trains on the trainer's own scenes
-    expected = [k.flag for k in KNOBS if k.trial] + [k.flag for k in KNOBS if k.searched] + ["--out"]
+    # then the flags the builder owns: the run's folder and the exporter's port (pipelines/jobs/pytorchjob.py)
+    expected = [k.flag for k in KNOBS if k.trial] + [k.flag for k in KNOBS if k.searched] + ["--out", "--metrics-port"]
     assert _trial_flags(experiment) == expected
 
 
