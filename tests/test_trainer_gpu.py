@@ -136,6 +136,19 @@ def test_the_sampler_shuffles_per_epoch_shards_ranks_and_resumes_mid_epoch():
     assert take(ShardSampler(dataset, 2, 0, seed=4), 5) != ranks[0]
 
 
+def test_the_loaders_workers_stop_when_the_block_ends_even_while_the_iterator_is_still_referenced():
+    """Workers ignore SIGTERM (quiet_worker), so workers of an iterator still alive at interpreter exit kept
+    multiprocessing's exit handler waiting forever (seen as a hung two-process FSDP run): the block stops them."""
+    import multiprocessing
+
+    loader = torch.utils.data.DataLoader(list(range(64)), batch_size=4, num_workers=2, worker_init_fn=data.quiet_worker,
+                                         persistent_workers=True)
+    with data.loader_batches(loader) as batches:
+        assert next(batches).tolist() == [0, 1, 2, 3]
+        assert len(multiprocessing.active_children()) == 2
+    assert batches is not None and multiprocessing.active_children() == []
+
+
 def test_scenes_follow_image_size_and_grid():
     cfg = TrainConfig(image_size=32, grid=4, k_max=8, k_min=2, batch_size=2)
     sample = SceneDataset(SceneSource(0, 0, "", cfg.image_size, cfg.grid))[0]

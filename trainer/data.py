@@ -5,10 +5,12 @@ alone (exact resume needs no data state) and the train and eval streams never ov
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import itertools
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +165,21 @@ class SceneDataset(torch.utils.data.Dataset):
 
 
 collate = torch.utils.data.default_collate  # stacks each key of the sample dicts
+
+
+@contextlib.contextmanager
+def loader_batches(loader: torch.utils.data.DataLoader) -> Iterator:
+    """iter(loader), whose worker processes are stopped when the block ends (return, signal stop or error).
+    torch stops them when the iterator is freed, but does nothing once the interpreter is exiting, and its fallback,
+    SIGTERM, is ignored by our workers (quiet_worker): an iterator still alive at exit leaves multiprocessing's exit
+    handler joining them forever. `_shutdown_workers` is that same stop (done event, then None to every worker)."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        stop = getattr(batches, "_shutdown_workers", None)  # absent when num_workers is 0
+        if stop is not None:
+            stop()
 
 
 def quiet_worker(_worker_id: int) -> None:

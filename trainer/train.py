@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import ConfigError, TrainConfig
 from .curves import TRAINING_CURVES, Curves
-from .data import ShardSampler, quiet_worker
+from .data import ShardSampler, loader_batches, quiet_worker
 from .distributed import World, any_rank, barrier, init_world, shutdown
 from .evaluation import report, write_metrics
 from .files import replace_dir, write_json_atomic
@@ -334,68 +334,73 @@ def _run(cfg: TrainConfig, world: World, requested: list[int], monitor: Training
               f"optimizer step ({cfg.strategy}, {cfg.precision}, {world.device.type})", file=sys.stderr, flush=True)
 
     curves = Curves(out, enabled=world.is_main and start < cfg.steps)
-    batches = monitor.timed(iter(train_loader(parts, cfg, world, start)))
-    bar = tqdm(total=cfg.steps, initial=start, file=sys.stderr, dynamic_ncols=True,
-               disable=not (world.is_main and sys.stderr.isatty()))
-    began, samples = time.perf_counter(), 0
-    # The loss logged every log_every steps is the mean since the last log; the partial window travels in the
-    # checkpoint so that a resumed run logs the same curve as an uninterrupted one.
-    window_sum, window_steps = history["window"]
-    window_start, window_loss = began, torch.tensor(window_sum, device=world.device) if window_steps else None
-    model.train()
-    for step in range(start, cfg.steps):
-        micro_batches, noises = [], []
-        for micro in range(cfg.grad_accum):
-            micro_batches.append(to_device(next(batches), world.device))
-            generator = torch.Generator(device=world.device).manual_seed(step_seed(cfg, step, world.rank, micro))
-            noises.append(model.training_noise(micro_batches[-1], generator))
-        loss = train_step(engine, model, optimizer, scheduler, micro_batches, noises, cfg)
-        window_loss = loss if window_loss is None else window_loss + loss
-        window_steps += 1
-        samples += cfg.batch_size * cfg.grad_accum * world.world_size
-        done = step + 1
-        bar.update(1)
-        monitor.step_done(done, cfg.batch_size * cfg.grad_accum)
-        if done % cfg.log_every == 0 or done == cfg.steps:  # the only per-step host sync: at logging intervals
-            now = time.perf_counter()
-            mean_loss = (window_loss / window_steps).item()
-            rate = window_steps * cfg.batch_size * cfg.grad_accum * world.world_size / (now - window_start)
-            lr = scheduler.get_last_lr()[0]
-            history["loss"].append({"step": done, "loss": mean_loss})  # one loss per log interval
-            curves.scalars(done, {"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": rate})
-            bar.set_postfix(loss=f"{mean_loss:.3f}")
-            if bar.disable:  # kubectl logs of every replica: a line, not a bar
-                who = f"[rank {world.rank}] " if world.distributed else ""
-                print(f"{who}step {done}/{cfg.steps} loss {mean_loss:.4f} lr {lr:.2e} {rate:.1f} samples/s",
-                      file=sys.stderr, flush=True)
-            window_start, window_loss, window_steps = now, None, 0
-            monitor.logged(mean_loss, lr)
+    # The loader's workers are stopped when the loop ends, not when the iterator happens to be freed: freed at
+    # interpreter exit, torch's clean stop is a no-op and the workers (which ignore SIGTERM: data.quiet_worker)
+    # would keep multiprocessing's exit join waiting forever.
+    with loader_batches(train_loader(parts, cfg, world, start)) as loaded:
+        batches = monitor.timed(loaded)
+        bar = tqdm(total=cfg.steps, initial=start, file=sys.stderr, dynamic_ncols=True,
+                   disable=not (world.is_main and sys.stderr.isatty()))
+        began, samples = time.perf_counter(), 0
+        # The loss logged every log_every steps is the mean since the last log; the partial window travels in the
+        # checkpoint so that a resumed run logs the same curve as an uninterrupted one.
+        window_sum, window_steps = history["window"]
+        window_start, window_loss = began, torch.tensor(window_sum, device=world.device) if window_steps else None
+        model.train()
+        for step in range(start, cfg.steps):
+            micro_batches, noises = [], []
+            for micro in range(cfg.grad_accum):
+                micro_batches.append(to_device(next(batches), world.device))
+                generator = torch.Generator(device=world.device).manual_seed(step_seed(cfg, step, world.rank, micro))
+                noises.append(model.training_noise(micro_batches[-1], generator))
+            loss = train_step(engine, model, optimizer, scheduler, micro_batches, noises, cfg)
+            window_loss = loss if window_loss is None else window_loss + loss
+            window_steps += 1
+            samples += cfg.batch_size * cfg.grad_accum * world.world_size
+            done = step + 1
+            bar.update(1)
+            monitor.step_done(done, cfg.batch_size * cfg.grad_accum)
+            if done % cfg.log_every == 0 or done == cfg.steps:  # the only per-step host sync: at logging intervals
+                now = time.perf_counter()
+                mean_loss = (window_loss / window_steps).item()
+                rate = window_steps * cfg.batch_size * cfg.grad_accum * world.world_size / (now - window_start)
+                lr = scheduler.get_last_lr()[0]
+                history["loss"].append({"step": done, "loss": mean_loss})  # one loss per log interval
+                curves.scalars(done, {"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": rate})
+                bar.set_postfix(loss=f"{mean_loss:.3f}")
+                if bar.disable:  # kubectl logs of every replica: a line, not a bar
+                    who = f"[rank {world.rank}] " if world.distributed else ""
+                    print(f"{who}step {done}/{cfg.steps} loss {mean_loss:.4f} lr {lr:.2e} {rate:.1f} samples/s",
+                          file=sys.stderr, flush=True)
+                window_start, window_loss, window_steps = now, None, 0
+                monitor.logged(mean_loss, lr)
 
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            metrics = parts.evaluate(model)  # every rank scores its shard
-            pictures = parts.pictures(model)  # every rank: a sharded model's forward is a collective
-            if world.is_main:
-                history["eval"].append({"step": done, **metrics})
-                report(metrics)
-                monitor.evaluated(done, metrics)
-                write_metrics(out, done, metrics, history["eval"], cfg, history["loss"], skipped)
-                curves.scalars(done, {f"eval/{k}": v for k, v in metrics.items()})
-                curves.images(done, "eval/allocation", pictures)
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                metrics = parts.evaluate(model)  # every rank scores its shard
+                pictures = parts.pictures(model)  # every rank: a sharded model's forward is a collective
+                if world.is_main:
+                    history["eval"].append({"step": done, **metrics})
+                    report(metrics)
+                    monitor.evaluated(done, metrics)
+                    write_metrics(out, done, metrics, history["eval"], cfg, history["loss"], skipped)
+                    curves.scalars(done, {f"eval/{k}": v for k, v in metrics.items()})
+                    curves.images(done, "eval/allocation", pictures)
 
-        # Single process: the flag is local, read every step. Several: an all-reduce, every few steps.
-        check = not world.distributed or done % STOP_CHECK_EVERY == 0 or done == cfg.steps
-        stop = any_rank(bool(requested), world) if check else False
-        if stop or done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            history["window"] = [window_loss.item() if window_steps else 0.0, window_steps]
-            with monitor.checkpoint(done, history):
-                save_checkpoint(root, done, engine, model, optimizer, scheduler, history, cfg, world)
-        if stop:
-            signum = requested[0] if requested else signal.SIGTERM
-            if world.is_main:
-                print(f"stopping on signal {signum} after step {done}; checkpoint saved", file=sys.stderr, flush=True)
-            bar.close()
-            curves.close()
-            return 128 + int(signum)
+            # Single process: the flag is local, read every step. Several: an all-reduce, every few steps.
+            check = not world.distributed or done % STOP_CHECK_EVERY == 0 or done == cfg.steps
+            stop = any_rank(bool(requested), world) if check else False
+            if stop or done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                history["window"] = [window_loss.item() if window_steps else 0.0, window_steps]
+                with monitor.checkpoint(done, history):
+                    save_checkpoint(root, done, engine, model, optimizer, scheduler, history, cfg, world)
+            if stop:
+                signum = requested[0] if requested else signal.SIGTERM
+                if world.is_main:
+                    print(f"stopping on signal {signum} after step {done}; checkpoint saved", file=sys.stderr,
+                          flush=True)
+                bar.close()
+                curves.close()
+                return 128 + int(signum)
     bar.close()
     curves.close()
     elapsed = time.perf_counter() - began  # the loop's rate: first step to last, evaluations and checkpoints in it
