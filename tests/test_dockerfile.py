@@ -60,9 +60,12 @@ def test_runs_as_the_non_root_uid_the_pods_ask_for():
     assert users and users[-1] == "1000"
 
 
-def test_entrypoint_is_exec_form_python_module():
-    entry = [arg for op, arg in instructions() if op == "ENTRYPOINT"]
-    assert json.loads(entry[-1]) == ["python", "-m", "trainer"]
+def test_no_entrypoint_and_the_trainer_as_exec_form_default_command():
+    """kfp.local's DockerRunner passes a component's command as the container's CMD: an ENTRYPOINT would get it as
+    arguments (the cluster's Kubernetes command would replace it, so the two would disagree)."""
+    assert not [arg for op, arg in instructions() if op == "ENTRYPOINT"]
+    cmd = [arg for op, arg in instructions() if op == "CMD"]
+    assert json.loads(cmd[-1])[:3] == ["python", "-m", "trainer"]
 
 
 def test_every_image_reference_uses_the_project_version():

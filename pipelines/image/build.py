@@ -78,7 +78,8 @@ def build(base: str = "debian", no_cache: bool = False, out=sys.stderr) -> dict:
     context = make_context(CACHE / "context", cuda=False, out=out)
     wheels_done = time.monotonic()
     previous = _image_id(LOCAL_IMAGE)
-    command = ["build", "-f", str(DOCKERFILE), "--build-arg", f"BASE={base_ref}", "-t", LOCAL_IMAGE,
+    command = ["build", "-f", str(DOCKERFILE), "--build-arg", f"BASE={base_ref}",
+               "--build-arg", f"SOURCE_DIGEST={source_digest()}", "-t", LOCAL_IMAGE,
                "-t", DEFAULT_IMAGE, *(["--no-cache"] if no_cache else []), str(context)]
     result = subprocess.run(["podman", *command], env=podman.environ(), stdout=out, stderr=subprocess.STDOUT)
     if result.returncode != 0:
@@ -90,6 +91,26 @@ def build(base: str = "debian", no_cache: bool = False, out=sys.stderr) -> dict:
     return {"base": base_ref, "size": podman.image_size(LOCAL_IMAGE), "seconds": done - started,
             "base_seconds": base_done - started, "wheel_seconds": wheels_done - base_done,
             "build_seconds": done - wheels_done, "image_id": built}
+
+
+def source_digest() -> str:
+    """sha256 of everything the image's Python files come from: the Dockerfile, the pins, and each file of the
+    project's wheel (pyproject.toml, README.md, trainer/, pipelines/) that git tracks or would track."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--",
+                             "pyproject.toml", "README.md", "constraints.txt", "trainer", "pipelines"], cwd=REPO,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    digest = hashlib.sha256()
+    for name in sorted(filter(None, listed)):
+        if (REPO / name).is_file():
+            digest.update(name.encode() + b"\0" + (REPO / name).read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def image_digest_label(ref: str = LOCAL_IMAGE) -> str | None:
+    """The source digest the image `ref` was built from (None: no such image)."""
+    result = podman.podman("image", "inspect", "--format", '{{index .Labels "dev.arrcoc.source-digest"}}', ref,
+                           check=False)
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
 def debian_base(out=sys.stderr) -> str:

@@ -11,13 +11,15 @@ fsGroupChangePolicy OnRootMismatch) and an emptyDir's folder mode 0777 (pkg/volu
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import stat
 import subprocess
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,30 @@ def image_exists(ref: str) -> bool:
 
 def image_size(ref: str) -> int:
     return int(podman("image", "inspect", "--format", "{{.Size}}", ref).stdout.strip())
+
+
+@contextlib.contextmanager
+def docker_api(timeout: float = 30) -> Iterator[str]:
+    """podman's Docker-compatible API (`podman system service`) on a unix socket of its own, for clients of the
+    Docker API (kfp.local.DockerRunner through the docker SDK); yields the DOCKER_HOST value."""
+    require("podman")
+    with tempfile.TemporaryDirectory(prefix="arrcoc-podman-") as tmp:
+        socket = Path(tmp) / "podman.sock"
+        service = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{socket}"], env=environ(),
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + timeout
+            while not socket.exists():
+                if service.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"podman system service did not start: {service.stderr.read().decode()[-300:]}")
+                time.sleep(0.1)
+            yield f"unix://{socket}"
+        finally:
+            service.terminate()
+            try:
+                service.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                service.kill()
 
 
 # ------------------------------------------------------------------------------------------------ the pod
