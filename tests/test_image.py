@@ -239,3 +239,27 @@ def _metrics(out: Path) -> dict:
 
 def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_pipeline_step_runs_in_the_image_with_kfps_docker_runner(image, tmp_path):
+    """`arrcoc demo --image`: kfp.local.DockerRunner starts each step as a container of the compiled pipeline's
+    base_image through podman's Docker API, as the KFP launcher runs it (the gate open: register runs); then the
+    closed gate's not-registered component alone."""
+    import kfp.local
+
+    from pipelines.kfp_pipeline.components.register import not_registered
+    from pipelines.kfp_pipeline.demo import docker_runner, run_demo
+
+    result = run_demo(tmp_path / "demo", image=True, threshold=0.0, steps=4, eval_every=4, train_size=32,
+                      eval_size=16, report_samples=1)
+    tasks = {p.name for p in result.run_dir.iterdir() if p.is_dir()}
+    assert {"prepare-data", "train", "evaluate", "register"} <= tasks, tasks
+    for task in ("prepare-data", "train", "evaluate", "register"):  # written by the image's user, not this process
+        assert (result.run_dir / task / "executor_output.json").stat().st_uid == 1000, task
+    assert result.registered is not None and any(result.registered.rglob("adapter_config.json"))
+    root = tmp_path / "single"
+    root.mkdir()
+    with docker_runner(root, {}) as runner:
+        kfp.local.init(runner=runner, pipeline_root=str(root))
+        task = not_registered(value=0.1, threshold=0.5, gate_metric="relevance_score")
+    assert task.output.startswith("Not registered: relevance_score 0.1000 is below the threshold 0.5")

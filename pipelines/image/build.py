@@ -85,9 +85,9 @@ def build(base: str = "debian", no_cache: bool = False, out=sys.stderr) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"podman build failed (exit {result.returncode}); its output is above")
     built = _image_id(LOCAL_IMAGE)
-    if previous and previous != built:  # the image this build replaced is dangling now: drop it
-        podman.podman("rmi", previous, check=False)
     done = time.monotonic()
+    if previous and previous != built:  # the image this build replaced is dangling now: drop it (not timed)
+        podman.podman("rmi", previous, check=False)
     return {"base": base_ref, "size": podman.image_size(LOCAL_IMAGE), "seconds": done - started,
             "base_seconds": base_done - started, "wheel_seconds": wheels_done - base_done,
             "build_seconds": done - wheels_done, "image_id": built}

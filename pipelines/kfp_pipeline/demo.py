@@ -118,7 +118,7 @@ def run_demo(workdir: str | Path, *, source: str = "synthetic", threshold: float
 
     with contextlib.ExitStack() as stack:
         if image:
-            runner = stack.enter_context(_docker_runner(root, step_env))
+            runner = stack.enter_context(docker_runner(root, step_env))
         else:
             runner = kfp.local.SubprocessRunner(use_venv=False)
         kfp.local.init(runner=runner, pipeline_root=str(root))
@@ -159,7 +159,7 @@ def _run_pipeline(pipeline, root: Path, parsed, seed: int, threshold: float, mod
 
 
 @contextlib.contextmanager
-def _docker_runner(root: Path, env: dict[str, str]):
+def docker_runner(root: Path, env: dict[str, str]):
     """kfp.local.DockerRunner against podman's Docker API, the steps as the image's uid 1000 (as on the cluster,
     where pipeline.py asks for runAsNonRoot)."""
     import kfp.local
