@@ -17,6 +17,7 @@ def test_only_trainer_commands_are_targeted():
     assert is_trainer_command(["python", "-m", "trainer", "--steps", "3"])
     assert is_trainer_command(["/usr/bin/python3", "-u", "-m", "trainer", "--out", "x"])  # torchrun's workers
     assert is_trainer_command(["/opt/conda/bin/torchrun", "-m", "trainer"])
+    assert is_trainer_command(["python", "-m", "trainer.torchrun", "-m", "trainer"])  # the builder's torchrun
     assert not is_trainer_command(["python", "-m", "trainer.prestop"])
     assert not is_trainer_command(["python", "-m", "pytest", "trainer"])
     assert not is_trainer_command(["./file-metricscollector", "-m", "trainer-metrics"])

@@ -175,8 +175,8 @@ def test_pod_is_restricted_istio_free_and_has_shared_memory() -> None:
 
 @pytest.mark.parametrize("nproc, command", [
     ("1", ["python", "-m", "trainer"]),
-    ("2", ["torchrun", "-m", "trainer"]),
-    ("auto", ["torchrun", "-m", "trainer"]),
+    ("2", ["python", "-m", "trainer.torchrun", "-m", "trainer"]),
+    ("auto", ["python", "-m", "trainer.torchrun", "-m", "trainer"]),
 ])
 def test_several_processes_per_pod_go_through_torchrun(nproc: str, command: list[str]) -> None:
     m = to_manifest(build_pytorchjob("train-a", team=PVC_TEAM, nproc_per_node=nproc))

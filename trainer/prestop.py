@@ -33,7 +33,8 @@ POLL_SECONDS = 0.05
 
 
 def is_trainer_command(argv: list[str]) -> bool:
-    """`python -m trainer ...`, `python -u -m trainer ...` (torchrun's workers), `torchrun -m trainer ...`."""
+    """`python -m trainer ...`, `python -u -m trainer ...` (torchrun's workers), `torchrun -m trainer ...`,
+    `python -m trainer.torchrun -m trainer ...` (the builder's torchrun)."""
     return any(a == "-m" and b == "trainer" for a, b in zip(argv, argv[1:]))
 
 

@@ -5,8 +5,9 @@ Why the spec looks the way it does (details in docs/pytorchjob.md):
 - restartPolicy ExitCode: a preempted or OOM-killed replica (137, 143) is retried; a bug (1-127) fails at once.
 - the checkpoint volume outlives pods (PVC, or a GCS bucket through the GCS FUSE CSI driver) and the trainer's
   --out is <mount>/<run-id>, so a restarted replica resumes from the same directory.
-- an explicit `command` (python -m trainer, or torchrun with several processes per pod) because Katib's metrics
-  collector wraps the command in `sh -c`; sidecar.istio.io/inject "false" because a sidecar keeps pods alive.
+- an explicit `command` (python -m trainer, or torchrun through trainer/torchrun.py with several processes per
+  pod) because Katib's metrics collector wraps the command in `sh -c`; sidecar.istio.io/inject "false" because
+  a sidecar keeps pods alive.
 - a read-only root filesystem with /tmp (the image's HOME and caches) an emptyDir;
 - a restricted-PSS security context whose fsGroup is applied only on a root mismatch, cpu/memory/GPU requests =
   limits (Guaranteed QoS; a namespace with a ResourceQuota rejects pods without requests).
@@ -149,11 +150,13 @@ def build_pytorchjob(
 
 
 def trainer_command(nproc_per_node: str) -> list[str]:
-    """One process per pod reads MASTER_ADDR/RANK/WORLD_SIZE itself; several go through torchrun, whose
-    flags default to the PET_* variables the operator injects (nnodes, node rank, master address/port)."""
+    """One process per pod reads MASTER_ADDR/RANK/WORLD_SIZE itself; several go through torchrun, whose flags
+    default to the PET_* variables the operator injects (nnodes, node rank, master address/port), by way of
+    trainer/torchrun.py, which gives a signalled or failed group the exit code restartPolicy ExitCode retries
+    (torchrun alone exits 1)."""
     if nproc_per_node == "1":
         return ["python", "-m", "trainer"]
-    return ["torchrun", "-m", "trainer"]
+    return ["python", "-m", "trainer.torchrun", "-m", "trainer"]
 
 
 def to_manifest(job: kf.KubeflowOrgV1PyTorchJob) -> dict[str, Any]:
