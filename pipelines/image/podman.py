@@ -87,13 +87,39 @@ def docker_api(timeout: float = 30) -> Iterator[str]:
                 if service.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"podman system service did not start: {service.stderr.read().decode()[-300:]}")
                 time.sleep(0.1)
-            yield f"unix://{socket}"
+            with _not_found_as_docker_says_it():
+                yield f"unix://{socket}"
         finally:
             service.terminate()
             try:
                 service.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 service.kill()
+
+
+@contextlib.contextmanager
+def _not_found_as_docker_says_it() -> Iterator[None]:
+    """podman 4.3 answers an inspect of a container it is removing with HTTP 500 "no such container", where Docker
+    answers 404. kfp.local's DockerRunner runs each step with auto_remove and handles a container gone before it
+    reads its logs or waits for it only as docker.errors.NotFound (kfp/local/docker_task_handler.py
+    run_docker_container), which is what a step shorter than podman's start call (about a second here: the
+    register step) meets. While the service runs, the docker SDK turns that 500 into the NotFound Docker's 404
+    gives, so kfp takes the path it takes with Docker."""
+    import docker.api.client
+    import docker.errors
+
+    original = docker.api.client.create_api_error_from_http_exception
+
+    def translate(error):
+        if error.response.status_code == 500 and "no such container" in (error.response.text or ""):
+            raise docker.errors.NotFound(error, response=error.response, explanation=error.response.text) from error
+        return original(error)
+
+    docker.api.client.create_api_error_from_http_exception = translate
+    try:
+        yield
+    finally:
+        docker.api.client.create_api_error_from_http_exception = original
 
 
 # ------------------------------------------------------------------------------------------------ the pod

@@ -28,6 +28,7 @@ DEFAULT_WORKDIR = "runs/demo"
 DEMO = {"steps": 150, "batch_size": 16, "eval_every": 25, "train_size": 1024, "eval_size": 64, "workers": 1,
         "report_samples": 6}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+MODEL_STORE_IN_ROOT = "model-store"  # --image: the steps' containers see only the pipeline root
 
 
 class DemoError(RuntimeError):
@@ -104,7 +105,7 @@ def run_demo(workdir: str | Path, *, source: str = "synthetic", threshold: float
         raise DemoInputError(f"--source {source}: with --image the steps see only the pipeline root; use synthetic")
     # With --image the steps' containers see the pipeline root alone (DockerRunner mounts nothing else), so the
     # model store and the team-config file live there.
-    model_store = root / "model-store" if image else workdir / "models"
+    model_store = root / MODEL_STORE_IN_ROOT if image else workdir / "models"
     step_env: dict[str, str] = {}
     if team_config:
         path = Path(team_config).resolve()
@@ -154,7 +155,8 @@ def _run_pipeline(pipeline, root: Path, parsed, seed: int, threshold: float, mod
             failed = _ANSI.sub("", str(exc))
             raise DemoError(f"{failed} (task logs above; outputs under {root})") from None
     seconds = time.monotonic() - started
-    (run_dir,) = [p for p in root.iterdir() if p not in earlier and p.is_dir()]  # <pipeline>-<time>, a task each
+    (run_dir,) = [p for p in root.iterdir() if p not in earlier and p.is_dir()  # <pipeline>-<time>, a task each
+                  and p.name != MODEL_STORE_IN_ROOT]
     return outputs, run_dir, seconds
 
 
