@@ -503,10 +503,11 @@ class _ProcessLauncher:
         for r in job.replicas:
             mounts: dict[str, Path] = {}
             for m in r.container.get("volumeMounts") or []:
+                if m["mountPath"].rstrip("/") in _MACHINE_PATHS:
+                    continue
                 local = volumes / m["name"] / m.get("subPath", "")
                 local.mkdir(parents=True, exist_ok=True)
-                if m["mountPath"].rstrip("/") not in _MACHINE_PATHS:
-                    mounts[m["mountPath"].rstrip("/") or "/"] = local.resolve()
+                mounts[m["mountPath"].rstrip("/") or "/"] = local.resolve()
             rewrite = _PathRewriter(mounts)
             self.env[r.name] = {e["name"]: rewrite(str(e.get("value", ""))) for e in r.container.get("env") or []}
             argv = [rewrite(str(a)) for a in [*r.container["command"], *(r.container.get("args") or [])]]
