@@ -35,10 +35,14 @@ def test_one_base_argument_whose_default_is_a_pinned_cuda_build_of_our_torch():
     assert match.group(1) == pin("torch")
 
 
-def test_installs_only_the_wheelhouse_at_the_pins():
-    (run,) = [arg for op, arg in instructions() if op == "RUN" and "pip install" in arg]
-    assert "--mount=type=bind,source=wheelhouse,target=/wheels" in run  # the wheels stay out of the layers
-    assert "--no-index --find-links /wheels -c /wheels/constraints.txt arrcoc-kubeflow" in run
+def test_installs_only_the_wheelhouse_at_the_pins_dependencies_first():
+    runs = [arg for op, arg in instructions() if op == "RUN" and "pip install" in arg]
+    assert len(runs) == 2
+    for run in runs:
+        assert "--mount=type=bind,source=wheelhouse,target=/wheels" in run  # the wheels stay out of the layers
+        assert "--no-index" in run
+    assert "-c /wheels/constraints.txt -r /wheels/requirements.txt" in runs[0]
+    assert "--no-deps /wheels/arrcoc_kubeflow-*.whl" in runs[1]  # a code change reinstalls only this
     constraints = (REPO / "constraints.txt").read_text().splitlines()
     for name in ("kfp", "transformers", "peft", "deepspeed", "kubeflow-training"):
         assert f"{name}=={pin(name)}" in constraints

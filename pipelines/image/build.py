@@ -1,7 +1,7 @@
 """`arrcoc image`: build the trainer image (trainer/Dockerfile) with podman, or make its build context for another
 builder (the CUDA image's workflow). `make image` runs `arrcoc image build`.
 
-The context holds only `wheelhouse/`: constraints.txt, a wheel of every pinned runtime dependency (made with this
+The context holds only `wheelhouse/`: constraints.txt, requirements.txt, a wheel of every pinned runtime dependency (made with this
 machine's pip, cached per constraints.txt and pyproject.toml) and this checkout's own wheel (built fresh from the
 files git tracks or would track). The Dockerfile installs from it with --no-index, so the image holds exactly the
 pins, whatever the build machine reaches. On the Debian base torch is the CPU wheel; on the CUDA base torch is
@@ -79,6 +79,7 @@ def build(base: str = "debian", no_cache: bool = False, out=sys.stderr) -> dict:
     wheels_done = time.monotonic()
     previous = _image_id(LOCAL_IMAGE)
     command = ["build", "-f", str(DOCKERFILE), "--build-arg", f"BASE={base_ref}",
+               "--build-arg", f"DEPENDENCIES_DIGEST={dependencies_digest()}",
                "--build-arg", f"SOURCE_DIGEST={source_digest()}", "-t", LOCAL_IMAGE,
                "-t", DEFAULT_IMAGE, *(["--no-cache"] if no_cache else []), str(context)]
     result = subprocess.run(["podman", *command], env=podman.environ(), stdout=out, stderr=subprocess.STDOUT)
@@ -143,8 +144,8 @@ def debian_base(out=sys.stderr) -> str:
 
 
 def make_context(directory: Path, *, cuda: bool, out=sys.stderr) -> Path:
-    """directory/wheelhouse: constraints.txt, the pinned runtime wheels (torch: the CPU wheel, or none for the
-    CUDA base) and this checkout's wheel."""
+    """directory/wheelhouse: constraints.txt, requirements.txt (pyproject's runtime dependencies), the pinned
+    runtime wheels (torch: the CPU wheel, or none for the CUDA base) and this checkout's wheel."""
     deps = _dependency_wheels(out)
     torch = [w for w in deps.glob("torch-*.whl")]
     if not cuda and not any("+cpu" in w.name for w in torch):
@@ -159,6 +160,7 @@ def make_context(directory: Path, *, cuda: bool, out=sys.stderr) -> Path:
             continue
         os.link(wheel, wheelhouse / wheel.name)
     shutil.copyfile(REPO / "constraints.txt", wheelhouse / "constraints.txt")
+    (wheelhouse / "requirements.txt").write_text("\n".join(PROJECT["dependencies"]) + "\n")
     _project_wheel(wheelhouse, out)
     return directory
 
@@ -174,10 +176,15 @@ def _pip() -> list[str]:
     return [sys.executable, "-m", "pip"]
 
 
+def dependencies_digest() -> str:
+    """sha256 of what decides the dependency wheels: constraints.txt and pyproject's runtime dependencies."""
+    return hashlib.sha256((REPO / "constraints.txt").read_bytes()
+                          + "\n".join(PROJECT["dependencies"]).encode()).hexdigest()
+
+
 def _dependency_wheels(out) -> Path:
     """Wheels of the runtime dependencies at their pins, cached under a hash of what decides them."""
-    key = hashlib.sha256((REPO / "constraints.txt").read_bytes()
-                         + "\n".join(PROJECT["dependencies"]).encode()).hexdigest()[:12]
+    key = dependencies_digest()[:12]
     cache = CACHE / f"wheels-{key}"
     if (cache / "COMPLETE").is_file():
         return cache
