@@ -1,11 +1,11 @@
 """`arrcoc image`: build the trainer image (trainer/Dockerfile) with podman, or make its build context for another
 builder (the CUDA image's workflow). `make image` runs `arrcoc image build`.
 
-The context holds only `wheelhouse/`: constraints.txt, requirements.txt, a wheel of every pinned runtime dependency (made with this
-machine's pip, cached per constraints.txt and pyproject.toml) and this checkout's own wheel (built fresh from the
-files git tracks or would track). The Dockerfile installs from it with --no-index, so the image holds exactly the
-pins, whatever the build machine reaches. On the Debian base torch is the CPU wheel; on the CUDA base torch is
-left out of the wheelhouse and the base's own build is used.
+The context holds only `wheelhouse/`: constraints.txt, requirements.txt, a wheel of every pinned runtime dependency
+(made with this machine's pip, cached per constraints.txt and pyproject.toml) and this checkout's own wheel (built
+fresh from the files git tracks or would track). The Dockerfile installs from it with --no-index, so the image
+holds exactly the pins, whatever the build machine reaches. On the Debian base torch is the CPU wheel; on the
+CUDA base torch is left out of the wheelhouse and the base's own build is used.
 
 The Debian base is made here: `debootstrap --variant=minbase bookworm` with Python 3.11 and pip, imported into
 podman as localhost/arrcoc-base:bookworm-<hash of how it is made>, and reused while that image exists.
