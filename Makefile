@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-all bench bench-gpu lint compile validate crds clean
+.PHONY: install demo test test-all bench bench-gpu lint compile validate crds clean image demo-image test-image
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,26 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# tests/test_image.py runs the trainer image with podman when podman is here and the image is built from this
+# checkout (make image); otherwise pytest lists them as skipped, with the reason, and the line below says so.
+TEST_MARKERS ?= not slow
 test: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "$(TEST_MARKERS)"
+	@command -v podman >/dev/null || echo "make test: the image tests were skipped: podman is not installed (make test-image needs it)"
+
+# The trainer image (trainer/Dockerfile) on the project's Debian base, tagged arrcoc-trainer:<version> and as
+# the manifests name it; prints its size and build time. Needs podman and debootstrap (Debian packages).
+image: $(STAMP)
+	$(BIN)/arrcoc image build
+
+# The pipeline with every step in the image (kfp.local.DockerRunner against podman's Docker API).
+demo-image: image
+	$(BIN)/arrcoc demo --image --workdir runs/demo-image
+
+# The image tests with their own budget (CI gives them 30 minutes): build the image, then run them; a missing or
+# stale image fails here instead of skipping.
+test-image: image
+	ARRCOC_IMAGE_TESTS=required $(BIN)/python -m pytest -q -m image tests/test_image.py
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q

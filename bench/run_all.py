@@ -17,6 +17,7 @@ SCRIPTS = [
     "pipeline_bench.py",  # compile time and local demo wall time
     "preemption_drill.py",  # SIGTERM/SIGKILL of a replica: steps lost, recovery time, final metrics
     "katib_bo_vs_random.py",  # trials to 95% of the grid's best, Bayesian vs random
+    "image_bench.py",  # image build times and size, start-up and job wall time in containers vs processes
 ]
 
 

@@ -25,6 +25,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                    "render the PyTorchJob the builder makes, or run one locally (--local) or on the cluster"),
     "compile": ("pipelines.compile",
                 "compile the KFP pipeline into pipelines/kfp_pipeline/compiled/ (the files uploaded in the KFP UI)"),
+    "image": ("pipelines.image.build",
+              "build the trainer image with podman (make image), or its build context for another builder"),
     "demo": ("pipelines.kfp_pipeline.demo",
              "run the whole pipeline here with kfp.local: data, 2-replica local PyTorchJob, report, gate"),
 }

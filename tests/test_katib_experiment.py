@@ -68,7 +68,7 @@ def test_trial_template_wires_each_tension_and_a_stable_checkpoint_dir() -> None
     for replica, template in _pod_specs(exp.trial_spec).items():
         (container,) = [c for c in template["spec"]["containers"] if c["name"] == "pytorch"]
         command = [*container["command"], *(container.get("args") or [])]
-        assert command[:3] == ["torchrun", "-m", "trainer"], replica
+        assert command[:5] == ["python", "-m", "trainer.torchrun", "-m", "trainer"], replica
         for tension in TENSIONS:
             value = _flag(command, "--" + tension.replace("_", "-"))
             name = value.removeprefix("${trialParameters.").removesuffix("}e-2")

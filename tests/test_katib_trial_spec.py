@@ -84,7 +84,7 @@ def test_trial_is_the_builders_job_with_katib_placeholders() -> None:
             assert container[key] == reference[key], (replica, key)
         assert pod["volumes"] == same["volumes"] and pod["securityContext"] == same["securityContext"]
         assert pod["priorityClassName"] == "arrcoc-sweep"
-        assert container["command"] == ["torchrun", "-m", "trainer"]
+        assert container["command"] == ["python", "-m", "trainer.torchrun", "-m", "trainer"]
         assert container["lifecycle"]["preStop"]["exec"]["command"] == ["python", "-m", "trainer.prestop"]
         args = container["args"]
         value = dict(zip(args[::2], args[1::2]))

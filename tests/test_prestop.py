@@ -17,6 +17,7 @@ def test_only_trainer_commands_are_targeted():
     assert is_trainer_command(["python", "-m", "trainer", "--steps", "3"])
     assert is_trainer_command(["/usr/bin/python3", "-u", "-m", "trainer", "--out", "x"])  # torchrun's workers
     assert is_trainer_command(["/opt/conda/bin/torchrun", "-m", "trainer"])
+    assert is_trainer_command(["python", "-m", "trainer.torchrun", "-m", "trainer"])  # the builder's torchrun
     assert not is_trainer_command(["python", "-m", "trainer.prestop"])
     assert not is_trainer_command(["python", "-m", "pytest", "trainer"])
     assert not is_trainer_command(["./file-metricscollector", "-m", "trainer-metrics"])
@@ -36,8 +37,10 @@ def test_hook_lets_a_katib_wrapped_trainer_checkpoint_before_the_pod_dies(tmp_pa
         hook = subprocess.run([sys.executable, "-m", "trainer.prestop", "--under", str(wrapped.pid),
                                "--timeout", "120"], cwd=REPO, capture_output=True, text=True, timeout=180)
         assert hook.returncode == 0
-        assert "all exited" in hook.stderr and "pids []" not in hook.stderr, hook.stderr
-        assert wrapped.wait(timeout=10) == 143  # the trainer's exit code, passed on by sh: ExitCode retries it
+        # the hook returns once the checkpoint is complete, not when the trainer (and with it the pod) is gone
+        assert re.search(r"checkpoint \S+/step-\d{8} complete", hook.stderr) and "pids []" not in hook.stderr, \
+            hook.stderr
+        assert wrapped.wait(timeout=30) == 143  # the trainer's exit code, passed on by sh: ExitCode retries it
     finally:
         wrapped.kill()
     assert not done.exists()  # sh did not report a completed trial

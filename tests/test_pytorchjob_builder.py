@@ -183,16 +183,21 @@ def test_pod_is_restricted_istio_free_and_has_shared_memory() -> None:
     # the kubelet re-chowns the checkpoint share only when its root lacks the group, not at every replica start
     assert (spec["securityContext"]["fsGroup"], spec["securityContext"]["fsGroupChangePolicy"]) == (
         1000, "OnRootMismatch")
-    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                    "readOnlyRootFilesystem": True}
     shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
     assert {"mountPath": "/dev/shm", "name": "dshm"} in c["volumeMounts"]
+    # the read-only root's one writable place: the image's HOME and caches (trainer/Dockerfile ENV) are under /tmp
+    scratch = next(v for v in spec["volumes"] if v["name"] == "tmp")
+    assert "medium" not in scratch["emptyDir"] and scratch["emptyDir"]["sizeLimit"]
+    assert {"mountPath": "/tmp", "name": "tmp"} in c["volumeMounts"]
 
 
 @pytest.mark.parametrize("nproc, command", [
     ("1", ["python", "-m", "trainer"]),
-    ("2", ["torchrun", "-m", "trainer"]),
-    ("auto", ["torchrun", "-m", "trainer"]),
+    ("2", ["python", "-m", "trainer.torchrun", "-m", "trainer"]),
+    ("auto", ["python", "-m", "trainer.torchrun", "-m", "trainer"]),
 ])
 def test_several_processes_per_pod_go_through_torchrun(nproc: str, command: list[str]) -> None:
     m = to_manifest(build_pytorchjob("train-a", team=PVC_TEAM, nproc_per_node=nproc))

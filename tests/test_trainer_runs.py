@@ -166,3 +166,24 @@ def test_several_processes_per_pod_go_through_torchrun(tmp_path):
     assert len(metric_lines(result.stdout)) == 4  # rank 0 only, one evaluation
     assert "[rank 1] step 10/10" in result.stderr
     assert read_metrics(out)["step"] == 10
+
+
+def test_the_builders_torchrun_exits_with_codes_restart_policy_exitcode_reads(tmp_path):
+    """trainer/torchrun.py: torchrun alone exits 1 both for a SIGTERM (after its worker checkpointed and exited 143)
+    and for a worker's bad-input exit 2; the builder's command passes on 143 (retried) and 2 (not)."""
+    env = clean_env(PET_NNODES="1", PET_NODE_RANK="0", PET_NPROC_PER_NODE="1", PET_MASTER_ADDR="127.0.0.1",
+                    PET_MASTER_PORT=str(free_port()))
+    command = [sys.executable, "-m", "trainer.torchrun", "-m", "trainer"]
+    bad = subprocess.run([*command, "--steps", "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    env["PET_MASTER_PORT"] = str(free_port())
+    proc = subprocess.Popen([*command, "--steps", "5000", *FAST, "--checkpoint-every", "1000", "--log-every", "1",
+                             "--out", str(tmp_path / "out")], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "step 3/5000" in line:
+            break
+    proc.send_signal(signal.SIGTERM)  # the kubelet's SIGTERM to PID 1, or the preStop hook's
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopping on signal 15" in err

@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = sub.add_parser("run", help="run a PyTorchJob manifest locally (--local) or on the cluster")
     run.add_argument("file", metavar="FILE.yaml")
     run.add_argument("--local", action="store_true", help="run every replica as a local process (a rehearsal)")
+    run.add_argument("--containers", action="store_true",
+                     help="with --local: each replica as a podman container of the manifest's image (make image)")
     run.add_argument("--workdir", type=Path, help="logs (and, locally, volumes); default runs/pytorchjob/<name>")
     run.add_argument("--timeout", type=float, help="seconds before giving up (cluster default: 24 h)")
     run.add_argument("--namespace", help="cluster: default the pod's own namespace, then the manifest's")
@@ -79,8 +81,10 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(f"--timeout={args.timeout:g} must be > 0")
     if args.poll_interval <= 0:
         raise CliError(f"--poll-interval={args.poll_interval:g} must be > 0")
+    if args.containers and not args.local:
+        raise CliError("--containers runs replicas here as containers: it needs --local")
     jobs = backend_for("local" if args.local else "cluster", ClusterOptions(
-        namespace=args.namespace, delete=args.delete, poll_interval=args.poll_interval))
+        namespace=args.namespace, delete=args.delete, poll_interval=args.poll_interval), containers=args.containers)
     workdir = args.workdir or Path("runs") / "pytorchjob" / manifest["metadata"]["name"]
     # A JobFailed (exit code 1) or bad input (exit code 2) is printed as one line by pipelines/cli.py.
     result = jobs.run(manifest, workdir, timeout=args.timeout, log_stream=sys.stdout)

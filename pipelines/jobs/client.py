@@ -9,11 +9,12 @@ from __future__ import annotations
 from pipelines.jobs.backends import BACKENDS, BackendError, ClusterOptions, JobBackend
 
 
-def backend_for(where: str, cluster: ClusterOptions | None = None) -> JobBackend:
+def backend_for(where: str, cluster: ClusterOptions | None = None, *, containers: bool = False) -> JobBackend:
+    """containers: locally, each replica as a podman container of the manifest's image (ignored on a cluster)."""
     if where == "local":
         from pipelines.jobs.local import LocalBackend
 
-        return LocalBackend()
+        return LocalBackend(containers=containers)
     if where == "cluster":
         from pipelines.jobs.cluster import ClusterBackend  # kubeflow-training and the kubernetes client: only here
 

@@ -1,4 +1,5 @@
-"""A local rehearsal of a PyTorchJob: every replica of the manifest runs as a process on this machine.
+"""A local rehearsal of a PyTorchJob: every replica of the manifest runs on this machine, as a process (the default)
+or as a container of the manifest's own image (`containers=True`: podman, pipelines/image/podman.py).
 
 This is not an operator. It reads the same manifest a cluster gets and reproduces what the Training Operator
 does that matters to the trainer, so a local success means the manifest and the trainer agree:
@@ -8,8 +9,8 @@ does that matters to the trainer, so a local success means the manifest and the 
   replicas x int(nprocPerNode) (a non-integer counts 1), RANK=PET_NODE_RANK=node index (Master 0, Worker i ->
   i+1), PET_NPROC_PER_NODE, PET_NNODES; on top of this machine's environment (minus any inherited torchrun
   variables) and the `pytorch` container's env. The image is ignored.
-- Network: each replica is a pod with its own address, a loopback one (127.a.b.c, all replicas of a job in one
-  block whose declared container ports are free), in POD_IP, a variable the operator does not set: servers in the
+- Network (process mode): each replica is a pod with its own address, a loopback one (127.a.b.c, all replicas of
+  a job in one block whose declared container ports are free), in POD_IP, a variable the operator does not set: servers in the
   replica (the trainer's metrics exporter) listen there, so two replicas can serve the same declared port, as two
   pods can. The addresses, ports and labels (the template's plus the operator's training.kubeflow.org/* labels:
   kubeflow/trainer v1.9.2 pkg/controller.v1/common/pod.go createNewPod) are printed at the start and kept in
@@ -20,7 +21,16 @@ does that matters to the trainer, so a local success means the manifest and the 
   (plus its subPath). Only path prefixes are rewritten: an arg or env value equal to a mountPath, or starting
   with mountPath + "/", or of the form --flag=<such a path>, gets the mountPath replaced by that directory.
   The directories are shared by all replicas and kept across restarts and runs (as a PVC or bucket would be;
-  emptyDir's per-pod lifetime is not rehearsed).
+  emptyDir's per-pod lifetime is not rehearsed). Mounts at /tmp and /dev/shm are not rewritten: a process has
+  this machine's own.
+- Containers (`containers=True`): each replica is `podman run` of the manifest's image with the pod's settings
+  (user, groups, read-only root, capabilities, limits, env, volumes: pipelines/image/podman.py run_args) on a
+  podman network of the job's own, where it is reachable as `<job>-master-0` / `<job>-worker-<i>`, the
+  names the operator's headless services give; MASTER_ADDR is that name and MASTER_PORT the container's
+  pytorchjob-port, as the operator sets them. The checkpoint volume is <workdir>/volumes/checkpoints as above
+  (it stands in for the team's PVC or bucket); any other emptyDir is a fresh folder per replica start (a pod's),
+  a Memory emptyDir a tmpfs. Signals go to the container (`podman kill`). A container has a network of its own and
+  no POD_IP, so its servers listen on all its interfaces, as in a pod.
 - Logs: each line goes to log_stream as "[master-0] ..." / "[worker-0] ..." and to <workdir>/logs/<replica>.log
   (one file per replica; restarts append).
 - Failures, as the operator's restartPolicy: OnFailure (and Always) restart on any non-zero exit; ExitCode
@@ -50,6 +60,7 @@ import ipaddress
 import os
 import random
 import re
+import shutil
 import signal as signals
 import socket
 import subprocess
@@ -62,13 +73,23 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pipelines.jobs.backends import JobBackend, JobFailed, JobResult
-from pipelines.jobs.pytorchjob import PORT_NAME, ManifestError, check_manifest, pytorch_container, to_manifest
+from pipelines.jobs.pytorchjob import (
+    CHECKPOINT_VOLUME,
+    DEFAULT_PORT,
+    PORT_NAME,
+    ManifestError,
+    check_manifest,
+    pytorch_container,
+    to_manifest,
+)
 from trainer.files import write_json_atomic
 
 DEFAULT_GRACE_SECONDS = 30
 POD_IP_ENV = "POD_IP"
 PODS_FILE = "pods.json"
 OPERATOR_NAME = "pytorchjob-controller"  # kubeflow/trainer v1.9.2 pkg/controller.v1/pytorch/pytorchjob_controller.go
+# A process has this machine's own /tmp and /dev/shm: mounts there are not rewritten in process mode.
+_MACHINE_PATHS = ("/tmp", "/dev/shm")
 # torchrun / torchelastic variables of an outer launcher must not leak into a replica's world.
 _INHERITED_DROP = re.compile(r"(PET_|TORCHELASTIC_).*|RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|GROUP_RANK|"
                              r"GROUP_WORLD_SIZE|ROLE_RANK|ROLE_WORLD_SIZE|ROLE_NAME|MASTER_ADDR|MASTER_PORT")
@@ -121,13 +142,16 @@ class LocalJobResult:
 
 
 def run_local(manifest: dict, workdir: Path, timeout: float | None = None, log_stream: TextIO | None = sys.stdout,
-              *, chaos: Sequence[Chaos] = (), cwd: Path | None = None, poll_interval: float = 0.05) -> LocalJobResult:
-    """Run the PyTorchJob `manifest` locally until it Succeeds or Fails (see the module docstring).
+              *, chaos: Sequence[Chaos] = (), cwd: Path | None = None, poll_interval: float = 0.05,
+              containers: bool = False) -> LocalJobResult:
+    """Run the PyTorchJob `manifest` locally until it Succeeds or Fails (see the module docstring); with
+    `containers`, each replica as a podman container of the manifest's image.
 
     Bad manifests raise ManifestError (one line naming the field); a failing job returns succeeded=False
     with a Failed condition carrying reason and message.
     """
-    return _LocalJob(manifest, Path(workdir), timeout, log_stream, list(chaos), cwd, poll_interval).run()
+    launcher = _ContainerLauncher() if containers else _ProcessLauncher(cwd)
+    return _LocalJob(manifest, Path(workdir), timeout, log_stream, list(chaos), launcher, poll_interval).run()
 
 
 class LocalBackend(JobBackend):
@@ -135,15 +159,16 @@ class LocalBackend(JobBackend):
 
     where = "local"
 
-    def __init__(self, chaos: Sequence[Chaos] = (), cwd: Path | None = None):
+    def __init__(self, chaos: Sequence[Chaos] = (), cwd: Path | None = None, containers: bool = False):
         self.chaos = tuple(chaos)
         self.cwd = cwd
+        self.containers = containers
 
     def run(self, job: Mapping[str, Any] | Any, workdir: Path, *, timeout: float | None = None,
             log_stream: TextIO | None = None) -> JobResult:
         manifest = job if isinstance(job, Mapping) else to_manifest(job)
         local = run_local(manifest, Path(workdir), timeout=timeout, log_stream=log_stream, chaos=self.chaos,
-                          cwd=self.cwd)
+                          cwd=self.cwd, containers=self.containers)
         namespace = (manifest.get("metadata") or {}).get("namespace") or "default"
         result = JobResult(name=local.name, namespace=namespace, succeeded=local.succeeded,
                            conditions=local.conditions, master_log=local.master_log, seconds=local.seconds,
@@ -217,11 +242,11 @@ class _Replica:
     rtype: str  # Master | Worker
     node_rank: int
     policy: str
-    argv: list[str]
-    env: dict[str, str]
+    pod_spec: dict  # the replica's pod template spec, as the manifest has it
+    container: dict  # its `pytorch` container
     grace: float
     log_path: Path
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen | None = None  # the replica's process, or the `podman run` client of its container
     reader: threading.Thread | None = None
     pod: dict = field(default_factory=dict)  # the Pod this replica stands for: name, labels, ports, IP, phase
     attempt: int = 0
@@ -234,7 +259,7 @@ class _Replica:
 
 class _LocalJob:
     def __init__(self, manifest: dict, workdir: Path, timeout: float | None, log_stream: TextIO | None,
-                 chaos: list[Chaos], cwd: Path | None, poll_interval: float):
+                 chaos: list[Chaos], launcher: _ProcessLauncher | _ContainerLauncher, poll_interval: float):
         name = str((manifest.get("metadata") or {}).get("name", "")) if isinstance(manifest, Mapping) else ""
         check_manifest(manifest, source=f"PyTorchJob {name or '?'}")
         spec = manifest["spec"]  # check_manifest made sure of a Master: its address is the rendezvous
@@ -247,7 +272,7 @@ class _LocalJob:
         self.workdir = workdir
         self.timeout = timeout
         self.out = log_stream
-        self.cwd = cwd
+        self.launcher = launcher
         self.poll = poll_interval
         run_policy = spec.get("runPolicy") or {}
         self.backoff_limit: int | None = run_policy.get("backoffLimit")
@@ -265,14 +290,14 @@ class _LocalJob:
                 raise ManifestError(f"chaos replica {c.replica!r} is not one of {', '.join(sorted(known))}")
         self.restarts = {r.name: 0 for r in self.replicas}
         self.exit_codes: dict[str, list[int]] = {r.name: [] for r in self.replicas}
-        self.port = 0
+        self.master_addr, self.port = "", 0
         self.group_restarts = 0  # what runPolicy.backoffLimit counts
+        launcher.prepare(self)
 
     # ------------------------------------------------------------ set-up
 
     def _replicas(self, spec: Mapping[str, Any]) -> list[_Replica]:
         logs = self.workdir / "logs"
-        volumes = self.workdir / "volumes"
         logs.mkdir(parents=True, exist_ok=True)
         out: list[_Replica] = []
         for rtype in ("Master", "Worker"):
@@ -284,23 +309,10 @@ class _LocalJob:
             if not container.get("command"):
                 raise ManifestError(f"{where}: the pytorch container needs an explicit command (the image's "
                                     f"entrypoint is unknown locally)")
-            mounts: dict[str, Path] = {}
-            for m in container.get("volumeMounts") or []:
-                local = volumes / m["name"] / m.get("subPath", "")
-                local.mkdir(parents=True, exist_ok=True)
-                mounts[m["mountPath"].rstrip("/") or "/"] = local.resolve()
-            rewrite = _PathRewriter(mounts)
-            env: dict[str, str] = {}
             for e in container.get("env") or []:
                 if "valueFrom" in e:
                     raise ManifestError(f"{where}: env {e.get('name')!r} uses valueFrom, which is not rehearsed "
                                         f"locally; give a value")
-                env[e["name"]] = rewrite(str(e.get("value", "")))
-            argv = [rewrite(str(a)) for a in [*container["command"], *(container.get("args") or [])]]
-            if argv[0] in ("python", "python3"):
-                argv[0:1] = [sys.executable]
-            elif argv[0] == "torchrun":
-                argv[0:1] = [sys.executable, "-m", "torch.distributed.run"]
             pod_spec = rspec["template"]["spec"]
             grace = float(pod_spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS))
             policy = rspec.get("restartPolicy") or "OnFailure"  # the operator's default
@@ -309,8 +321,8 @@ class _LocalJob:
                 log_path = logs / f"{name}.log"
                 log_path.write_text("")  # a new run starts new logs; the volumes persist
                 pod = self._pod(rspec, rtype, i, container)
-                out.append(_Replica(name, rtype, 0 if rtype == "Master" else i + 1, policy, argv, env, grace, log_path,
-                                    pod=pod))
+                out.append(_Replica(name, rtype, 0 if rtype == "Master" else i + 1, policy, pod_spec, container,
+                                    grace, log_path, pod=pod))
         ports = sorted({p["containerPort"] for r in out for p in r.pod["spec"]["containers"][0]["ports"]})
         for r, ip in zip(out, _pod_addresses(len(out), ports)):
             r.pod["status"]["podIP"] = ip
@@ -333,7 +345,7 @@ class _LocalJob:
         per_node = int(self.nproc) if self.nproc.isdigit() else 1
         return {
             "PYTHONUNBUFFERED": "1",
-            "MASTER_ADDR": "127.0.0.1", "PET_MASTER_ADDR": "127.0.0.1",
+            "MASTER_ADDR": self.master_addr, "PET_MASTER_ADDR": self.master_addr,
             "MASTER_PORT": str(self.port), "PET_MASTER_PORT": str(self.port),
             "WORLD_SIZE": str(len(self.replicas) * per_node),
             "RANK": str(replica.node_rank), "PET_NODE_RANK": str(replica.node_rank),
@@ -366,21 +378,17 @@ class _LocalJob:
     # ------------------------------------------------------------ processes
 
     def _start_all(self) -> None:
-        self.port = _free_port()  # a fresh rendezvous: nothing of the previous group can linger on it
+        self.master_addr, self.port = self.launcher.rendezvous(self)
         for r in self.replicas:
-            env = {k: v for k, v in os.environ.items() if not _INHERITED_DROP.fullmatch(k)}
-            env.update(r.env)
-            env.update(self._injected_env(r))
             r.attempt += 1
             r.done = False
-            r.proc = subprocess.Popen(r.argv, env=env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+            r.proc = self.launcher.start(self, r, self._injected_env(r))
             r.reader = threading.Thread(target=self._read, args=(r, r.proc, r.attempt), daemon=True,
                                         name=f"{self.name}-{r.name}-{r.attempt}")
             r.reader.start()
             r.pod["status"]["phase"] = "Running"
             r.pod["metadata"]["annotations"]["local-runner/pid"] = str(r.proc.pid)
-            if r.attempt == 1:
+            if r.attempt == 1 and r.ip:  # process mode: each "pod" has a loopback address of its own
                 ports = [f"{p.get('name', p['containerPort'])} " + (f"http://{r.ip}:{p['containerPort']}/metrics"
                          if p.get("name") == "metrics" else f"{r.ip}:{p['containerPort']}")
                          for p in r.pod["spec"]["containers"][0]["ports"] if p.get("name") != PORT_NAME]
@@ -422,10 +430,7 @@ class _LocalJob:
             return
         event = ChaosEvent(r.name, int(chaos.signal), time.monotonic() - self.started, trigger, r.attempt)
         self.chaos_events.append((chaos, event))
-        try:
-            os.killpg(proc.pid, chaos.signal)  # the whole "pod": torchrun and its children alike
-        except ProcessLookupError:
-            return
+        self.launcher.signal(r, proc, chaos.signal)  # the whole "pod": torchrun and its children alike
         if self.out is not None:
             self.out.write(f"[local-runner] chaos: sent {signals.Signals(chaos.signal).name} to {r.name} ({trigger})\n")
 
@@ -453,13 +458,13 @@ class _LocalJob:
         """SIGTERM every live replica, then SIGKILL whatever outlives the grace period (as pod deletion does)."""
         live = [r for r in self.replicas if r.proc is not None and not r.done]
         for r in live:
-            _signal_group(r.proc, signals.SIGTERM)
+            self.launcher.signal(r, r.proc, signals.SIGTERM)
         limit = time.monotonic() + (max(r.grace for r in live) if grace is None and live else grace or 0)
         while any(r.proc.poll() is None for r in live) and time.monotonic() < limit:
             time.sleep(self.poll)
         for r in live:
             if r.proc.poll() is None:
-                _signal_group(r.proc, signals.SIGKILL)
+                self.launcher.signal(r, r.proc, signals.SIGKILL)
             self._reap(r)
 
     # ------------------------------------------------------------ the loop
@@ -484,6 +489,7 @@ class _LocalJob:
             # An exception here (or Ctrl-C) must not leave replicas behind.
             if any(r.proc is not None and not r.done for r in self.replicas):
                 self._stop_all(grace=5)
+            self.launcher.close(self)
         return LocalJobResult(
             name=self.name,
             succeeded=any(c["type"] == "Succeeded" and c["status"] == "True" for c in self.conditions),
@@ -560,11 +566,112 @@ class _PathRewriter:
         return token
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
+class _ProcessLauncher:
+    """Replicas as processes of this venv, paths under mounts rewritten to <workdir>/volumes (module docstring)."""
+
+    def __init__(self, cwd: Path | None):
+        self.cwd = cwd
+        self.argv: dict[str, list[str]] = {}
+        self.env: dict[str, dict[str, str]] = {}
+
+    def prepare(self, job: _LocalJob) -> None:
+        volumes = job.workdir / "volumes"
+        for r in job.replicas:
+            mounts: dict[str, Path] = {}
+            for m in r.container.get("volumeMounts") or []:
+                if m["mountPath"].rstrip("/") in _MACHINE_PATHS:
+                    continue
+                local = volumes / m["name"] / m.get("subPath", "")
+                local.mkdir(parents=True, exist_ok=True)
+                mounts[m["mountPath"].rstrip("/") or "/"] = local.resolve()
+            rewrite = _PathRewriter(mounts)
+            self.env[r.name] = {e["name"]: rewrite(str(e.get("value", ""))) for e in r.container.get("env") or []}
+            argv = [rewrite(str(a)) for a in [*r.container["command"], *(r.container.get("args") or [])]]
+            if argv[0] in ("python", "python3"):
+                argv[0:1] = [sys.executable]
+            elif argv[0] == "torchrun":
+                argv[0:1] = [sys.executable, "-m", "torch.distributed.run"]
+            self.argv[r.name] = argv
+
+    def rendezvous(self, job: _LocalJob) -> tuple[str, int]:
+        return "127.0.0.1", _free_port()  # a fresh port: nothing of the previous group can linger on it
+
+    def start(self, job: _LocalJob, r: _Replica, injected: dict[str, str]) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if not _INHERITED_DROP.fullmatch(k)}
+        env.update(self.env[r.name])
+        env.update(injected)
+        return subprocess.Popen(self.argv[r.name], env=env, cwd=self.cwd, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def signal(self, r: _Replica, proc: subprocess.Popen, sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def close(self, job: _LocalJob) -> None:
         pass
+
+
+class _ContainerLauncher:
+    """Replicas as podman containers of the manifest's image on a network of the job's own (module docstring)."""
+
+    def __init__(self) -> None:
+        from pipelines.image import podman  # only container mode needs podman (and imports it)
+
+        podman.require("podman")
+        self.podman = podman
+        self.network = ""
+        self.names: dict[str, str] = {}
+
+    def prepare(self, job: _LocalJob) -> None:
+        for image in sorted({r.container["image"] for r in job.replicas}):
+            if not self.podman.image_exists(image):
+                raise ManifestError(f"PyTorchJob {job.name}: image {image} is not in podman's store (nothing is "
+                                    f"pulled here): make image builds it")
+        for r in job.replicas:  # a container has a network of its own, as a pod: no loopback address to hand out
+            r.pod["status"]["podIP"] = ""
+        # Unique per run: two jobs of the same name (tests, sweeps) may run at once on this machine.
+        self.network = f"arrcoc-{job.name}-{os.getpid()}-{threading.get_ident() % 10000}"[:60]
+        self.podman.podman("network", "create", self.network)
+        self.names = {r.name: f"{self.network}-{r.name}" for r in job.replicas}
+
+    def rendezvous(self, job: _LocalJob) -> tuple[str, int]:
+        master = job.replicas[0]
+        ports = [p.get("containerPort") for p in master.container.get("ports") or [] if p.get("name") == PORT_NAME]
+        return f"{job.name}-master-0", int(ports[0]) if ports else DEFAULT_PORT
+
+    def start(self, job: _LocalJob, r: _Replica, injected: dict[str, str]) -> subprocess.Popen:
+        podman = self.podman
+        pod = f"{job.name}-{r.name}"  # the pod's name, and its headless service's
+        host_dirs = {}
+        for volume in podman.host_volumes(r.pod_spec, r.container):
+            if volume["name"] == CHECKPOINT_VOLUME or "emptyDir" not in volume:
+                path = job.workdir / "volumes" / volume["name"]  # the team's PVC or bucket: shared, kept
+            else:
+                path = job.workdir / "pods" / r.name / volume["name"]  # a new pod, a new emptyDir
+                shutil.rmtree(path, ignore_errors=True)
+            # always=True: files staged here by this (root) process must reach uid 1000, where on a cluster the
+            # staging step runs as that uid itself.
+            host_dirs[volume["name"]] = podman.prepare_host_dir(path, volume, podman.security(
+                r.pod_spec, r.container)[2], always=True)
+        podman.podman("rm", "--force", "--ignore", self.names[r.name], check=False)
+        # No POD_IP: as on a cluster, the exporter then listens on all of the container's interfaces.
+        env = {k: v for k, v in injected.items() if k != POD_IP_ENV}
+        args = podman.run_args(r.pod_spec, r.container, name=self.names[r.name], host_dirs=host_dirs,
+                               env=env, network=self.network, aliases=[pod], hostname=pod)
+        return subprocess.Popen(["podman", "run", "--rm", *args], env=podman.environ(), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def signal(self, r: _Replica, proc: subprocess.Popen, sig: int) -> None:
+        # To the container, not the podman client: a SIGKILLed client would leave its container running.
+        self.podman.podman("kill", "--signal", str(int(sig)), self.names[r.name], check=False)
+
+    def close(self, job: _LocalJob) -> None:
+        for name in self.names.values():
+            self.podman.podman("rm", "--force", "--ignore", name, check=False)
+        if self.network:
+            self.podman.podman("network", "rm", "--force", self.network, check=False)
 
 
 def _count(exits: list[tuple[_Replica, int]]) -> str:

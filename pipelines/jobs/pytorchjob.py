@@ -5,8 +5,10 @@ Why the spec looks the way it does (details in docs/pytorchjob.md):
 - restartPolicy ExitCode: a preempted or OOM-killed replica (137, 143) is retried; a bug (1-127) fails at once.
 - the checkpoint volume outlives pods (PVC, or a GCS bucket through the GCS FUSE CSI driver) and the trainer's
   --out is <mount>/<run-id>, so a restarted replica resumes from the same directory.
-- an explicit `command` (python -m trainer, or torchrun with several processes per pod) because Katib's metrics
-  collector wraps the command in `sh -c`; sidecar.istio.io/inject "false" because a sidecar keeps pods alive.
+- an explicit `command` (python -m trainer, or torchrun through trainer/torchrun.py with several processes per
+  pod) because Katib's metrics collector wraps the command in `sh -c`; sidecar.istio.io/inject "false" because
+  a sidecar keeps pods alive.
+- a read-only root filesystem with /tmp (the image's HOME and caches) an emptyDir;
 - a `metrics` port where the trainer serves Prometheus metrics (--metrics-port, trainer/monitoring.py), which the
   team's PodMonitoring scrapes (kustomize/components/monitoring);
 - a restricted-PSS security context whose fsGroup is applied only on a root mismatch, cpu/memory/GPU requests =
@@ -48,6 +50,13 @@ CHECKPOINT_VOLUME = "checkpoints"
 CHECKPOINT_MOUNT = "/checkpoints"
 DATA_VOLUME = "data"
 SHM_VOLUME = "dshm"
+# The image's HOME and caches (HF_HOME, MPLCONFIGDIR, TRITON_CACHE_DIR, ...: trainer/Dockerfile) live under /tmp,
+# and the root filesystem is read-only: this emptyDir is the only writable place a replica has besides its volumes.
+# Per pod, as a cache is; the limit is far above the compile and extension caches, and a base model is read from
+# the data bucket, never downloaded into HF_HOME.
+SCRATCH_VOLUME = "tmp"
+SCRATCH_MOUNT = "/tmp"
+SCRATCH_SIZE = "4Gi"
 GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
 # GKE's GCS FUSE sidecar (docs: "Configure the Cloud Storage FUSE CSI driver sidecar container for GKE") gets
 # its limits from these pod annotations; unset, a Standard cluster leaves cpu and memory unlimited, which a
@@ -147,11 +156,13 @@ def build_pytorchjob(
 
 
 def trainer_command(nproc_per_node: str) -> list[str]:
-    """One process per pod reads MASTER_ADDR/RANK/WORLD_SIZE itself; several go through torchrun, whose
-    flags default to the PET_* variables the operator injects (nnodes, node rank, master address/port)."""
+    """One process per pod reads MASTER_ADDR/RANK/WORLD_SIZE itself; several go through torchrun, whose flags
+    default to the PET_* variables the operator injects (nnodes, node rank, master address/port), by way of
+    trainer/torchrun.py, which gives a signalled or failed group the exit code restartPolicy ExitCode retries
+    (torchrun alone exits 1)."""
     if nproc_per_node == "1":
         return ["python", "-m", "trainer"]
-    return ["torchrun", "-m", "trainer"]
+    return ["python", "-m", "trainer.torchrun", "-m", "trainer"]
 
 
 def to_manifest(job: kf.KubeflowOrgV1PyTorchJob) -> dict[str, Any]:
@@ -234,8 +245,9 @@ def _check_inputs(name: str, namespace: str, image: str, trainer_args: list[str]
         raise ManifestError(f"active_deadline_seconds={deadline} must be > 0")
     if ttl is not None and ttl < 0:
         raise ManifestError(f"ttl_seconds_after_finished={ttl} must be >= 0")
-    if not checkpoint_mount.startswith("/") or checkpoint_mount.rstrip("/") in ("", "/dev/shm"):
-        raise ManifestError(f"checkpoint mount {checkpoint_mount!r} must be an absolute path other than / and /dev/shm")
+    if not checkpoint_mount.startswith("/") or checkpoint_mount.rstrip("/") in ("", "/dev/shm", SCRATCH_MOUNT):
+        raise ManifestError(f"checkpoint mount {checkpoint_mount!r} must be an absolute path other than /, /dev/shm "
+                            f"and {SCRATCH_MOUNT}")
     if team.data_bucket and checkpoint_mount.rstrip("/") == DATA_MOUNT:
         raise ManifestError(f"checkpoint mount {checkpoint_mount!r} is where dataBucket is mounted; choose another")
 
@@ -250,9 +262,12 @@ def _pod_template(image: str, args: list[str], nproc: str, team: TeamConfig, lab
     if team.uses_gcsfuse():
         annotations.update(GCSFUSE_POD_ANNOTATIONS)
     shm = k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_size)
-    volumes = [_checkpoint_volume(team), k8s.V1Volume(name=SHM_VOLUME, empty_dir=shm)]
+    scratch = k8s.V1EmptyDirVolumeSource(size_limit=SCRATCH_SIZE)
+    volumes = [_checkpoint_volume(team), k8s.V1Volume(name=SHM_VOLUME, empty_dir=shm),
+               k8s.V1Volume(name=SCRATCH_VOLUME, empty_dir=scratch)]
     mounts = [k8s.V1VolumeMount(name=CHECKPOINT_VOLUME, mount_path=checkpoint_mount.rstrip("/")),
-              k8s.V1VolumeMount(name=SHM_VOLUME, mount_path="/dev/shm")]
+              k8s.V1VolumeMount(name=SHM_VOLUME, mount_path="/dev/shm"),
+              k8s.V1VolumeMount(name=SCRATCH_VOLUME, mount_path=SCRATCH_MOUNT)]
     if team.data_bucket:
         # The team's base models and datasets: read-only, so no replica can change what another one reads.
         volumes.append(k8s.V1Volume(name=DATA_VOLUME, csi=k8s.V1CSIVolumeSource(
@@ -271,7 +286,8 @@ def _pod_template(image: str, args: list[str], nproc: str, team: TeamConfig, lab
         resources=k8s.V1ResourceRequirements(requests=dict(resources), limits=dict(resources)),
         volume_mounts=mounts,
         security_context=k8s.V1SecurityContext(
-            allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"])),
+            allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"]),
+            read_only_root_filesystem=True),
     )
     return k8s.V1PodTemplateSpec(
         metadata=k8s.V1ObjectMeta(labels=dict(labels), annotations=annotations),

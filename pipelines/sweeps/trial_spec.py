@@ -12,8 +12,9 @@ What a trial adds to the builder's job, and why:
   parameter for a float flag is passed on as `<int>e-2`, which the trainer's float parsing reads as int/100
   (Katib's skopt would search a `double` log-uniformly; katib/README.md);
 - the run id (and checkpoint folder) is the trial's name, through the trialName trial parameter;
-- the command is torchrun: teams share the template and katib/components/team-trials sets nprocPerNode to
-  each team's gpusPerReplica, which torchrun reads from PET_NPROC_PER_NODE;
+- the command is torchrun (trainer/torchrun.py, so a preempted trial exits 143 and is retried): teams share
+  the template and katib/components/team-trials sets nprocPerNode to each team's gpusPerReplica, which torchrun
+  reads from PET_NPROC_PER_NODE;
 - a preStop hook relays SIGTERM past the metrics collector's `sh -c` (trainer/prestop.py); that collector also
   joins command and args with spaces inside `sh -c`, so no generated token may hold a space or a quote;
 - the PriorityClass is arrcoc-sweep: a sweep yields to training runs;
