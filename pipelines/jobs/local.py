@@ -9,12 +9,13 @@ does that matters to the trainer, so a local success means the manifest and the 
   replicas x int(nprocPerNode) (a non-integer counts 1), RANK=PET_NODE_RANK=node index (Master 0, Worker i ->
   i+1), PET_NPROC_PER_NODE, PET_NNODES; on top of this machine's environment (minus any inherited torchrun
   variables) and the `pytorch` container's env. The image is ignored.
-- Network (process mode): each replica is a pod with its own address, a loopback one (127.a.b.c, all replicas of
-  a job in one block whose declared container ports are free), in POD_IP, a variable the operator does not set:
-  servers in the replica (the trainer's metrics exporter) listen there, so two replicas can serve the same declared port, as two
-  pods can. The addresses, ports and labels (the template's plus the operator's training.kubeflow.org/* labels:
-  kubeflow/trainer v1.9.2 pkg/controller.v1/common/pod.go createNewPod) are printed at the start and kept in
-  <workdir>/pods.json, Pod-shaped, as a Prometheus service discovery would see them (pipelines/monitoring/scrape.py).
+- Network (process mode): each replica is a pod with its own address, a loopback one (127.a.b.c, all replicas of a
+  job in one block whose declared container ports are free), in POD_IP, a variable the operator does not set:
+  servers in the replica (the trainer's metrics exporter) listen there, so two replicas can serve the same declared
+  port, as two pods can. The addresses, ports and labels (the template's plus the operator's training.kubeflow.org/*
+  labels: kubeflow/trainer v1.9.2 pkg/controller.v1/common/pod.go createNewPod) are printed at the start and kept in
+  <workdir>/pods.json, Pod-shaped, as a Prometheus service discovery would see them
+  (pipelines/monitoring/scrape.py).
 - Command: the `pytorch` container's command + args; `python`/`python3` become sys.executable (this venv) and
   `torchrun` becomes `sys.executable -m torch.distributed.run`.
 - Volumes: each volumeMount of that container maps to the directory <workdir>/volumes/<volume name>
